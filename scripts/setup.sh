@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with the project and its pinned deps.
+# Idempotent: a second run installs nothing new. Works offline except for PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# torch first and pinned: this machine's pip takes the CPU build from local disk; an unpinned
+# torch pulled in by another package would fetch a multi-GB CUDA build instead.
+.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"

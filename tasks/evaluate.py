@@ -1,0 +1,416 @@
+"""Evaluate: the same prompts and seeds through the base model and the LoRA, side by side.
+
+T5 is never loaded: the prompt set's styled prompts and the empty prompt (for classifier-free
+guidance) come from the text-embedding cache. The transformer is loaded once; the base images are
+sampled first, then the adapter is applied to that same transformer and every prompt is sampled
+again with the same per-seed noise, so each base/LoRA pair differs only by the adapter.
+
+    <output_dir>/images/<model>/<index:03d>-seed<seed>.png    one image per prompt x model x seed
+    <output_dir>/grids/<index:03d>.png                        base | LoRA, one row per seed
+    <output_dir>/results.jsonl                                one contracts.RESULT_FIELDS row per image
+    <output_dir>/metrics.json, report.md                      style shift (tasks/style_metrics.py)
+    <output_dir>/done.json                                    written last: a re-run is a cache hit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from prefect import get_run_logger, task
+from tqdm import tqdm
+
+from configs import RunConfig
+from tasks import model_loading
+from tasks.cache import content_key
+from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
+from tasks.embed import load_latent_dist, load_text_embeddings
+from tasks.lora import PEFT_CONFIG, PEFT_WEIGHTS, apply_lora
+from tasks.style_metrics import style_shift
+from tasks.workdir import WorkDir
+
+MODELS = ("base", "lora")
+LINEAGE_FIELDS = (
+    "run_id", "dataset_repo", "dataset_commit", "caption_model", "caption_prompt_hash",
+    "lora_path", "lora_rank", "lora_alpha", "config_hash", "code_version",
+)  # fmt: skip
+ADAPTER_FILES = (PEFT_WEIGHTS, PEFT_CONFIG)  # what apply_lora loads
+# Training latents decoded for the colour reference; the mean colour settles long before this.
+MAX_COLOR_REFERENCE = 64
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    results_path: Path
+    report_path: Path
+    grid_paths: list[Path]
+    metrics: dict
+    image_count: int
+    cached: bool = field(default=False, compare=False)
+
+
+def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config: RunConfig) -> str:
+    """Hash of everything the images depend on. The prompt rows stand for the prompts file and
+    style template, and their text keys hash the embeddings (and the encoder that made them, which
+    also made the empty prompt's)."""
+    return content_key(
+        prompts=read_table(Path(prompt_set_path), PROMPT_SET).to_pylist(),
+        adapter={name: _file_sha256(_adapter_file(adapter_dir, name)) for name in ADAPTER_FILES},
+        evaluate=config.evaluate.model_dump(mode="json", exclude={"prompts_file", "style_template"}),
+        pixart=config.models.pixart,
+        resolution=config.embed.resolution,
+        dtype=config.dtype,
+    )
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def load_train_latents(train_set_path: str | Path, latent_cache: str | Path) -> np.ndarray:
+    """The training images' cached latent means (unscaled), [n, channels, height, width]."""
+    keys = read_table(Path(train_set_path), TRAIN_SET).column("latent_key").to_pylist()
+    if not keys:
+        raise ValueError(f"{train_set_path}: no training rows to compare the samples with")
+    means, _ = load_latent_dist(Path(latent_cache), keys)
+    return means.numpy()
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def build_pipeline(transformer, vae, config: RunConfig):
+    """A PixArt-alpha pipeline without tokenizer or T5: prompts arrive as cached embeddings."""
+    from diffusers import PixArtAlphaPipeline
+
+    scheduler = model_loading.load_noise_scheduler(config.models, config.evaluate.sampler)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)  # our own bar counts batches
+    return pipe
+
+
+def generate_latents(
+    pipe,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    items: list[tuple[int, int]],
+    config: RunConfig,
+    desc: str,
+) -> torch.Tensor:
+    """Final denoised latents (scaled) for each (prompt row, seed) in `items`; the last row of
+    `embeds`/`mask` is the empty prompt. Each item draws its starting noise from its own CPU
+    generator, so the noise depends on the seed only, not on the batch or the device."""
+    settings, resolution = config.evaluate, config.embed.resolution
+    embeds, mask = embeds.to(pipe.device), mask.to(pipe.device)  # the pipeline leaves masks where they are
+    chunks = []
+    for start in tqdm(range(0, len(items), settings.batch_size), desc=desc):
+        batch = items[start : start + settings.batch_size]
+        rows = [row for row, _ in batch]
+        output = pipe(
+            prompt=None,
+            negative_prompt=None,  # the default "" would clash with negative_prompt_embeds
+            prompt_embeds=embeds[rows],
+            prompt_attention_mask=mask[rows],
+            negative_prompt_embeds=embeds[-1:].expand(len(batch), -1, -1),
+            negative_prompt_attention_mask=mask[-1:].expand(len(batch), -1),
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
+            output_type="latent",
+            use_resolution_binning=False,
+            clean_caption=False,
+        )
+        chunks.append(output.images.float().cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Scaled latents -> uint8 RGB [n, height, width, 3], as the pipeline's own decode would."""
+    arrays = []
+    for chunk in latents.split(batch_size):
+        pixels = vae.decode(chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        arrays.append((pixels * 255).round().astype(np.uint8))
+    return np.concatenate(arrays)
+
+
+def sample_all(
+    prompts: list[dict], text_cache, latent_cache, train_set_path, empty_text_key: str, adapter_dir: Path,
+    config: RunConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """(latents per model, images per model, training latents, decoded training images)."""
+    device, dtype = model_loading.pick_device(config.device), model_loading.DTYPES[config.dtype]
+    transformer = model_loading.load_transformer(config.models, dtype, device)
+    vae = model_loading.load_vae(config.models, dtype, device)
+    keys = [p["text_key"] for p in prompts] + [empty_text_key]
+    embeds, mask = load_text_embeddings(Path(text_cache), keys, config.embed.max_length)
+    if embeds.shape[-1] != transformer.config.caption_channels:
+        raise ValueError(
+            f"{text_cache}: embeddings have {embeds.shape[-1]} values per token, the transformer "
+            f"expects {transformer.config.caption_channels} (another text encoder?)"
+        )
+    pipe = build_pipeline(transformer, vae, config)
+    train_latents = load_train_latents(train_set_path, latent_cache) * vae.config.scaling_factor
+    side = config.embed.resolution // pipe.vae_scale_factor
+    if train_latents.shape[1:] != (transformer.config.in_channels, side, side):
+        raise ValueError(
+            f"{latent_cache}: training latents are {list(train_latents.shape[1:])}, samples will be "
+            f"{[transformer.config.in_channels, side, side]}; were they embedded at another resolution?"
+        )
+
+    items = [(i, seed) for i in range(len(prompts)) for seed in config.evaluate.seeds]
+    latents = {"base": generate_latents(pipe, embeds, mask, items, config, "sampling base")}
+    apply_lora(pipe, adapter_dir, scale=1.0)  # in place: the same transformer, now with the adapter
+    latents["lora"] = generate_latents(pipe, embeds, mask, items, config, "sampling LoRA")
+    batch_size = config.evaluate.batch_size
+    images = {model: decode_images(vae, latents[model], batch_size) for model in MODELS}
+    reference = torch.from_numpy(train_latents[:MAX_COLOR_REFERENCE])
+    train_images = decode_images(vae, reference, batch_size)
+    del pipe, transformer, vae
+    model_loading.release()
+    return latents, images, train_latents, train_images
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def grid_image(base: list[np.ndarray], lora: list[np.ndarray]) -> Image.Image:
+    """Base in the left column, LoRA in the right, one row per seed."""
+    height, width = base[0].shape[:2]
+    grid = Image.new("RGB", (2 * width, len(base) * height))
+    for row, (left, right) in enumerate(zip(base, lora, strict=True)):
+        grid.paste(Image.fromarray(left), (0, row * height))
+        grid.paste(Image.fromarray(right), (width, row * height))
+    return grid
+
+
+def image_relpath(model: str, index: int, seed: int) -> str:
+    return f"images/{model}/{index:03d}-seed{seed}.png"
+
+
+def result_rows(prompts: list[dict], config: RunConfig, lineage: dict, created_at: str) -> list[dict]:
+    settings, size = config.evaluate, config.embed.resolution
+    rows = []
+    for index, prompt in enumerate(prompts):
+        for model in MODELS:
+            for seed in settings.seeds:
+                values = {
+                    "prompt": prompt["prompt"], "styled_prompt": prompt["styled_prompt"], "model": model,
+                    "seed": seed, "steps": settings.num_inference_steps, "guidance": settings.guidance_scale,
+                    "sampler": settings.sampler, "image_path": image_relpath(model, index, seed),
+                    "width": size, "height": size, "created_at": created_at, **lineage,
+                }  # fmt: skip
+                rows.append({name: values[name] for name in RESULT_FIELDS})
+    return rows
+
+
+def render_report(prompts: list[dict], config: RunConfig, lineage: dict, metrics: dict) -> str:
+    settings, m = config.evaluate, metrics
+    seeds = ", ".join(str(s) for s in settings.seeds)
+    lines = [
+        "# Evaluation: base vs LoRA",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| run | {lineage['run_id']} |",
+        f"| base model | {config.models.pixart} |",
+        f"| adapter | {lineage['lora_path']} (rank {lineage['lora_rank']}, alpha {lineage['lora_alpha']}) |",
+        f"| sampler | {settings.sampler}, {settings.num_inference_steps} steps |",
+        f"| guidance | {settings.guidance_scale} |",
+        f"| seeds | {seeds} |",
+        f"| size | {config.embed.resolution} px, {config.dtype} |",
+        "",
+        "## Style shift (lower is closer to the training images)",
+        "",
+        "| metric | base | LoRA |",
+        "| --- | --- | --- |",
+        f"| latent Frechet distance (diagonal) | {m['latent_fd_base']:.4g} | {m['latent_fd_lora']:.4g} |",
+        f"| colour distance (0-255) | {m['color_distance_base']:.2f} | {m['color_distance_lora']:.2f} |",
+        f"| mean RGB (training: {m['mean_rgb_train']}) | {m['mean_rgb_base']} | {m['mean_rgb_lora']} |",
+        "",
+        f"latent_fd_ratio (base / LoRA) = {m['latent_fd_ratio']:.3f}; above 1 means the LoRA moved",
+        "samples toward the training style. How both are measured: tasks/style_metrics.py.",
+        "",
+        "## Prompts",
+        "",
+        "| # | category | styled prompt | base \\| LoRA |",
+        "| --- | --- | --- | --- |",
+    ]
+    for index, prompt in enumerate(prompts):
+        text = prompt["styled_prompt"].replace("|", "\\|")
+        lines.append(f"| {index} | {prompt['category'] or ''} | {text} | [grid](grids/{index:03d}.png) |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(
+    output_dir: Path, prompts: list[dict], images: dict[str, np.ndarray], metrics: dict, config: RunConfig,
+    lineage: dict,
+) -> EvalResult:  # fmt: skip
+    seeds = config.evaluate.seeds
+    grid_paths = []
+    for index in range(len(prompts)):
+        rows = range(index * len(seeds), (index + 1) * len(seeds))  # sample order: prompt-major
+        for model in MODELS:
+            for row, seed in zip(rows, seeds, strict=True):
+                image = Image.fromarray(images[model][row])
+                _write_png(output_dir / image_relpath(model, index, seed), image)
+        grid = grid_image([images["base"][r] for r in rows], [images["lora"][r] for r in rows])
+        grid_paths.append(_write_png(output_dir / "grids" / f"{index:03d}.png", grid))
+    created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    rows = result_rows(prompts, config, lineage, created_at)
+    results_path = _write_text(output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    report_path = _write_text(output_dir / "report.md", render_report(prompts, config, lineage, metrics))
+    return EvalResult(results_path, report_path, grid_paths, metrics, image_count=len(rows))
+
+
+def _write_done(output_dir: Path, result: EvalResult) -> None:
+    record = {
+        "results": result.results_path.name,
+        "report": result.report_path.name,
+        "grids": [str(p.relative_to(output_dir)) for p in result.grid_paths],
+        "metrics": result.metrics,
+        "image_count": result.image_count,
+    }
+    _write_text(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
+
+
+def _read_done(output_dir: Path) -> EvalResult | None:
+    """The finished evaluation in `output_dir`, or None when it is incomplete or absent."""
+    try:
+        record = json.loads((output_dir / "done.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    result = EvalResult(
+        results_path=output_dir / record["results"],
+        report_path=output_dir / record["report"],
+        grid_paths=[output_dir / p for p in record["grids"]],
+        metrics=record["metrics"],
+        image_count=record["image_count"],
+        cached=True,
+    )
+    files = [result.results_path, result.report_path, *result.grid_paths]
+    return result if all(p.is_file() for p in files) else None
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def evaluate(
+    prompt_set_path: str | Path,
+    train_set_path: str | Path,
+    text_cache: str | Path,
+    latent_cache: str | Path,
+    empty_text_key: str,
+    adapter_dir: str | Path,
+    config: RunConfig,
+    output_dir: Path,
+    lineage: dict,
+) -> EvalResult:
+    """Sample base and LoRA images for every prompt x seed, write them, the grids, results.jsonl,
+    metrics.json and report.md to `output_dir`; return the finished record if it is already there."""
+    output_dir, adapter_dir = Path(output_dir), Path(adapter_dir)
+    done = _read_done(output_dir)
+    if done is not None:
+        return done
+    missing = sorted(set(LINEAGE_FIELDS) - set(lineage))
+    unexpected = sorted(set(lineage) - set(LINEAGE_FIELDS))
+    if missing or unexpected:
+        raise ValueError(f"lineage: missing fields {missing}, unexpected fields {unexpected}")
+    for name in ADAPTER_FILES:
+        _adapter_file(adapter_dir, name)
+    prompts = read_table(Path(prompt_set_path), PROMPT_SET).to_pylist()
+    if not prompts:
+        raise ValueError(f"{prompt_set_path}: no prompts to evaluate")
+
+    latents, images, train_latents, train_images = sample_all(
+        prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config
+    )
+    metrics = style_shift(
+        latents["base"].numpy(), latents["lora"].numpy(), train_latents,
+        images["base"], images["lora"], train_images,
+    )  # fmt: skip
+    result = _write_outputs(output_dir, prompts, images, metrics, config, lineage)
+    _write_done(output_dir, result)  # last: its presence means everything above is complete
+    return result
+
+
+def _adapter_file(adapter_dir: str | Path, name: str) -> Path:
+    path = Path(adapter_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no {name}; expected a PEFT adapter folder")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _write_bytes(path, text.encode())
+
+
+def _write_png(path: Path, image: Image.Image) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return _write_bytes(path, buffer.getvalue())
+
+
+@task(name="evaluate")
+def evaluate_task(
+    prompt_set_path: str,
+    train_set_path: str,
+    text_cache: str,
+    latent_cache: str,
+    empty_text_key: str,
+    adapter_dir: str,
+    config: RunConfig,
+    workdir: str,
+    lineage: dict,
+) -> dict:
+    logger = get_run_logger()
+    key = evaluation_key(prompt_set_path, adapter_dir, config)
+    output_dir = WorkDir(Path(workdir)).eval_dir(key)
+    result = evaluate(
+        prompt_set_path, train_set_path, text_cache, latent_cache, empty_text_key, adapter_dir,
+        config, output_dir, lineage,
+    )  # fmt: skip
+    logger.info(
+        "%s %d images in %s; latent FD base %.4g, LoRA %.4g (ratio %.3f)",
+        "reused" if result.cached else "wrote", result.image_count, output_dir,
+        result.metrics["latent_fd_base"], result.metrics["latent_fd_lora"], result.metrics["latent_fd_ratio"],
+    )  # fmt: skip
+    return {
+        "eval_dir": str(output_dir),
+        "key": key,
+        "results_path": str(result.results_path),
+        "report_path": str(result.report_path),
+        "grid_paths": [str(p) for p in result.grid_paths],
+        "metrics": result.metrics,
+        "image_count": result.image_count,
+        "cached": result.cached,
+    }

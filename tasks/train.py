@@ -1,0 +1,532 @@
+"""Train stage: a PEFT LoRA on PixArt-alpha's transformer, from the embed stage's caches.
+
+Reads train_set.parquet (contracts.TRAIN_SET) plus the text-embedding and latent caches; T5 and
+the VAE are never loaded here. Each optimizer update:
+
+  latents = (mean + std * randn) * vae.scaling_factor     a fresh sample of the cached posterior
+  noisy   = DDPM.add_noise(latents, noise, t)              t uniform in [0, num_train_timesteps)
+  loss    = MSE(transformer(noisy, t, caption)[:, :C], noise)   epsilon prediction
+
+Learned sigma: PixArt's transformer outputs 2*C channels, the noise (epsilon) and a learned
+variance. Like PixArt's own LoRA script we train on the epsilon half only and ignore the variance
+channels (no variational-bound term): the LoRA leaves the base model's variance head as it was, and
+the samplers we use (DPM-Solver, DDIM) discard those channels anyway.
+
+Determinism and resume: the samples of update `s` are a pure function of (seed, epoch), and every
+random draw in it (posterior sample, noise, timesteps, LoRA dropout) comes from torch.manual_seed of
+(seed, s, process). A checkpoint therefore needs only the LoRA weights, the optimizer and
+lr-scheduler state and `s`: a resumed run continues at the exact batch and reproduces the same
+adapter. Gradient accumulation is done here (not by Accelerator.accumulate) so an update never
+straddles an epoch boundary and the accumulated gradient is the mean over the update's samples.
+
+    <output_dir>/checkpoints/checkpoint-<step>/   lora.safetensors + state.pt (atomic, pruned)
+    <output_dir>/adapter/                         the adapter, see tasks/lora.py for its format
+    <output_dir>/train_log.jsonl                  one {step, epoch, loss, lr, grad_norm} per update
+    <output_dir>/done.json                        written last; its presence makes a re-run a no-op
+
+Multi-GPU: `accelerate launch -m tasks.train --config X --train-set ... --output-dir ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig, inject_adapter_in_model
+from prefect import get_run_logger, task
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from configs import RunConfig, TrainConfig, load_config
+from tasks.cache import content_key
+from tasks.contracts import TRAIN_SET, read_table
+from tasks.embed import load_latent_dist, load_text_embeddings
+from tasks.lora import ADAPTER_NAME, atomic_dir, save_adapter
+from tasks.model_loading import DTYPES, load_noise_scheduler, load_transformer, pick_device, resolve_model
+from tasks.workdir import WorkDir
+
+Progress = Callable[[dict, int], None]  # (log record, total steps), called after every update
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    first_loss: float  # mean loss of the first k updates, k = clamp(steps // 5, 1, 10): one update's
+    final_loss: float  # loss mostly reflects its random timesteps, so single values are noisy
+    resumed_from: int | None  # checkpoint step this run continued from, if any
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the cached embeddings and latent distributions, loaded once.
+
+
+@dataclass
+class CachedTrainSet:
+    """Every training input as CPU tensors; a few hundred images fit in memory easily."""
+
+    image_ids: list[str]
+    embeds: torch.Tensor  # [N, max_length, dim], zero past each caption's length
+    mask: torch.Tensor  # [N, max_length], 1 on the caption's tokens
+    mean: torch.Tensor  # [N, C, H, W] VAE posterior mean, unscaled
+    std: torch.Tensor
+    flipped: tuple[torch.Tensor, torch.Tensor] | None  # (mean, std) of the mirrored images
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @classmethod
+    def load(
+        cls, train_set_path: Path, text_cache: Path, latent_cache: Path, max_length: int
+    ) -> CachedTrainSet:
+        rows = read_table(Path(train_set_path), TRAIN_SET).to_pylist()
+        if not rows:
+            raise ValueError(f"{train_set_path}: no training rows")
+        embeds, mask = load_text_embeddings(text_cache, [r["text_key"] for r in rows], max_length)
+        mean, std = load_latent_dist(latent_cache, [r["latent_key"] for r in rows])
+        flipped_keys = [r["flipped_latent_key"] for r in rows]
+        flipped = None
+        if any(flipped_keys):
+            if not all(flipped_keys):
+                raise ValueError(f"{train_set_path}: flipped_latent_key is set on some rows but not all")
+            flipped = load_latent_dist(latent_cache, flipped_keys)
+            if flipped[0].shape != mean.shape:
+                raise ValueError(
+                    f"{latent_cache}: flipped latents are {list(flipped[0].shape)}, not {list(mean.shape)}"
+                )
+        return cls([r["image_id"] for r in rows], embeds, mask, mean, std, flipped)
+
+    def batch(
+        self, index: torch.Tensor, flip: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        mean, std = self.mean[index], self.std[index]
+        if self.flipped is not None:
+            use = flip[:, None, None, None]
+            mean = torch.where(use, self.flipped[0][index], mean)
+            std = torch.where(use, self.flipped[1][index], std)
+        return tuple(t.to(device) for t in (self.embeds[index], self.mask[index], mean, std))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step plan: which samples each update sees.
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Batches as a pure function of (seed, epoch, step): resume needs only the step number.
+
+    Each epoch is a permutation from (seed, epoch), padded by wrapping so every process gets the
+    same number of samples, dealt round-robin to processes and cut into micro-batches; `accumulation`
+    micro-batches (fewer at the epoch's end) make one optimizer update.
+    """
+
+    num_samples: int
+    batch_size: int
+    accumulation: int
+    seed: int
+    num_processes: int = 1
+
+    @property
+    def samples_per_process(self) -> int:
+        return math.ceil(self.num_samples / self.num_processes)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.samples_per_process / (self.batch_size * self.accumulation))
+
+    def total_steps(self, train: TrainConfig) -> int:
+        return train.max_steps or train.epochs * self.steps_per_epoch
+
+    def batches(self, step: int, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(sample indices, flip flags)] for each micro-batch of update `step` (0-based) on `rank`."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_samples)
+        flips = rng.random(self.num_samples) < 0.5  # per sample, so independent of the process count
+        mine = np.resize(order, self.samples_per_process * self.num_processes)[rank :: self.num_processes]
+        span = self.batch_size * self.accumulation
+        chosen = mine[k * span : (k + 1) * span]
+        return [
+            (
+                torch.from_numpy(chosen[i : i + self.batch_size]),
+                torch.from_numpy(flips[chosen[i : i + self.batch_size]]),
+            )
+            for i in range(0, len(chosen), self.batch_size)
+        ]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, loss.
+
+
+def lora_transformer(config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The frozen transformer in config.dtype with a trainable float32 LoRA injected (seed first)."""
+    train = config.train
+    transformer = load_transformer(config.models, DTYPES[config.dtype], device).requires_grad_(False)
+    lora = LoraConfig(
+        r=train.rank,
+        lora_alpha=train.resolved_alpha,
+        lora_dropout=train.dropout,
+        target_modules=train.resolved_targets,
+        init_lora_weights="gaussian",
+    )
+    inject_adapter_in_model(lora, transformer, adapter_name=ADAPTER_NAME)  # suffix-matches the targets
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # optimizer state and updates in full precision
+    if train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer.train()
+
+
+def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = {"lr": train.learning_rate, "weight_decay": train.weight_decay, "eps": train.adam_epsilon}
+    if not train.use_8bit_adam:
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError(
+            "train.use_8bit_adam needs bitsandbytes: pip install 'pixart-pipeline[gpu]'"
+        ) from None
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def diffusion_loss(transformer, batch, noise_scheduler, scaling_factor: float, dtype: torch.dtype):
+    embeds, mask, mean, std = batch
+    latents = (mean + std * torch.randn_like(mean)) * scaling_factor
+    noise = torch.randn_like(latents)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = transformer(
+        noisy.to(dtype),
+        encoder_hidden_states=embeds.to(dtype),
+        encoder_attention_mask=mask,
+        timestep=timesteps,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )[0]
+    epsilon = prediction[:, : latents.shape[1]]  # the rest is the learned variance (see module doc)
+    return F.mse_loss(epsilon.float(), noise.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the log.
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, lr_scheduler, limit: int | None) -> Path:
+    """checkpoint-<step>/ written atomically, then the oldest beyond `limit` removed."""
+    path = root / f"checkpoint-{step}"
+    with atomic_dir(path) as tmp:
+        save_file(_trainable_state(model), tmp / "lora.safetensors")
+        state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        torch.save(state, tmp / "state.pt")
+    if limit is not None:
+        for _, old in list_checkpoints(root)[:-limit]:
+            shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temp folders of a killed save start with '.')."""
+    found = []
+    for path in root.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / "lora.safetensors").is_file() and (path / "state.pt").is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, model, optimizer, lr_scheduler) -> int:
+    weights = load_file(path / "lora.safetensors")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        diff = sorted(set(weights) ^ set(params))
+        raise ValueError(f"{path}: LoRA weights do not match this model's adapter, e.g. {diff[:2]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return int(state["step"])
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict]:
+    """Records up to `upto_step`; later ones (and a line cut by a kill) belong to the lost run."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= upto_step:
+                records.append(record)
+    return records
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _summary(records: list[dict]) -> tuple[float, float]:
+    k = max(1, min(10, len(records) // 5))
+    losses = [r["loss"] for r in records]
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
+def _finished(output_dir: Path) -> TrainResult | None:
+    done, adapter = output_dir / "done.json", output_dir / "adapter"
+    if not (done.is_file() and (adapter / "adapter_model.safetensors").is_file()):
+        return None
+    info = json.loads(done.read_text())
+    return TrainResult(adapter, info["steps"], info["first_loss"], info["final_loss"], info["resumed_from"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+def train_lora(
+    train_set_path: Path,
+    text_cache: Path,
+    latent_cache: Path,
+    config: RunConfig,
+    output_dir: Path,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train (or resume, or find finished) the LoRA of `config.train` into `output_dir`."""
+    output_dir, train = Path(output_dir), config.train
+    if (finished := _finished(output_dir)) is not None:
+        return finished
+    accelerator = _accelerator(train.mixed_precision, cpu=pick_device(config.device).type == "cpu")
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    set_seed(train.seed)  # the LoRA init
+    data = CachedTrainSet.load(train_set_path, text_cache, latent_cache, config.embed.max_length)
+    transformer = lora_transformer(config, accelerator.device)
+    _check_fits(transformer, data, train_set_path)
+    params = [p for p in transformer.parameters() if p.requires_grad]  # a list: clipping reuses it
+    noise_scheduler = load_noise_scheduler(config.models, "ddpm")
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"{config.models.pixart}: the scheduler does not predict epsilon")
+    vae_config = AutoencoderKL.load_config(resolve_model(config.models.pixart), subfolder="vae")
+
+    num_processes = accelerator.num_processes
+    plan = StepPlan(len(data), train.batch_size, train.gradient_accumulation_steps, train.seed, num_processes)
+    total = plan.total_steps(train)
+    optimizer = build_optimizer(params, train)
+    # Not passed to accelerator.prepare, which would step it once per process per update.
+    lr_scheduler = get_scheduler(
+        train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total
+    )
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    start, resumed_from, records = _resume(output_dir, transformer, optimizer, lr_scheduler, main)
+    accelerator.wait_for_everyone()
+
+    def loss_of(batch):
+        return diffusion_loss(
+            model, batch, noise_scheduler, vae_config["scaling_factor"], DTYPES[config.dtype]
+        )
+
+    log_path = output_dir / "train_log.jsonl"
+    with open(log_path, "a") if main else nullcontext() as log:
+        for step in tqdm(range(start, total), initial=start, total=total, desc="train", disable=not main):
+            torch.manual_seed(_step_seed(train.seed, step, rank))
+            batches = plan.batches(step, rank)
+            loss, grad_norm, lr = _update(
+                accelerator, model, loss_of, data, batches, optimizer, params, train
+            )
+            lr_scheduler.step()
+            record = {
+                "step": step + 1,
+                "epoch": step // plan.steps_per_epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+            }
+            records.append(record)
+            if main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if (step + 1) % train.checkpointing_steps == 0:
+                accelerator.wait_for_everyone()
+                if main:
+                    limit = train.checkpoints_total_limit
+                    save_checkpoint(
+                        output_dir / "checkpoints", step + 1, transformer, optimizer, lr_scheduler, limit
+                    )
+            if progress is not None:
+                progress(record, total)
+
+    first_loss, final_loss = _summary(records)
+    result = TrainResult(output_dir / "adapter", total, first_loss, final_loss, resumed_from)
+    accelerator.wait_for_everyone()
+    if main:
+        save_adapter(accelerator.unwrap_model(model), result.adapter_dir, base_model=config.models.pixart)
+        _write_json(output_dir / "done.json", asdict(result))  # last: marks the folder complete
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _update(
+    accelerator, model, loss_of, data, batches, optimizer, params, train
+) -> tuple[float, float, float]:
+    """One optimizer update over `batches`; returns (mean loss, grad norm before clipping, lr used)."""
+    count = sum(len(index) for index, _ in batches)
+    total_loss = torch.zeros((), device=accelerator.device)
+    for i, (index, flip) in enumerate(batches):
+        # Only the last micro-batch all-reduces gradients across processes.
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            loss = loss_of(data.batch(index, flip, accelerator.device)) * (len(index) / count)
+            accelerator.backward(loss)
+        total_loss += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)  # returns the pre-clip norm
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(total_loss, "mean").item(), float(grad_norm), lr
+
+
+def _resume(output_dir: Path, model, optimizer, lr_scheduler, main: bool) -> tuple[int, int | None, list]:
+    """(start step, checkpoint step or None, log records so far) from the latest complete checkpoint."""
+    start, resumed_from = 0, None
+    if found := list_checkpoints(output_dir / "checkpoints"):
+        start = resumed_from = load_checkpoint(found[-1][1], model, optimizer, lr_scheduler)
+    log_path = output_dir / "train_log.jsonl"
+    records = _read_log(log_path, start)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        leftovers = [*output_dir.glob("checkpoints/.checkpoint-*.tmp-*"), *output_dir.glob(".adapter.tmp-*")]
+        for leftover in leftovers:  # a save cut short by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drop the lost run's tail
+    return start, resumed_from, records
+
+
+def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as exc:  # accelerate keeps one global state per process
+        raise RuntimeError(
+            f"train.mixed_precision={mixed_precision!r} differs from an earlier training run in this process; "
+            "accelerate allows one setting per process, so train in a fresh process (python -m tasks.train)"
+        ) from exc
+
+
+def _check_fits(transformer, data: CachedTrainSet, source: Path) -> None:
+    cfg = transformer.config
+    if data.embeds.shape[-1] != cfg.caption_channels:
+        raise ValueError(
+            f"{source}: text embeddings are {data.embeds.shape[-1]} wide, the transformer "
+            f"expects caption_channels={cfg.caption_channels}"
+        )
+    if data.mean.shape[1] != cfg.in_channels:
+        raise ValueError(
+            f"{source}: latents have {data.mean.shape[1]} channels, transformer wants {cfg.in_channels}"
+        )
+
+
+def training_key(train_set_path: str | Path, config: RunConfig) -> str:
+    """Content key of a training run: the train set's cache keys, the train settings, the base model."""
+    rows = read_table(Path(train_set_path), TRAIN_SET)
+    keys = rows.select(["text_key", "latent_key", "flipped_latent_key"]).to_pylist()
+    return content_key(
+        rows=keys, train=config.train.model_dump(mode="json"), pixart=config.models.pixart, dtype=config.dtype
+    )
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    parser = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="Run config YAML (its train/models/dtype are used).")
+    parser.add_argument(
+        "--train-set", required=True, type=Path, help="train_set.parquet from the embed stage."
+    )
+    parser.add_argument("--workdir", default=".", type=Path, help="Work dir holding the caches.")
+    parser.add_argument("--text-cache", type=Path, help="Default: <workdir>/cache/text.")
+    parser.add_argument("--latent-cache", type=Path, help="Default: <workdir>/cache/latents.")
+    parser.add_argument("--output-dir", type=Path, help="Default: <workdir>/cache/train/<training key>.")
+    args = parser.parse_args(argv)
+    config, workdir = load_config(args.config), WorkDir(args.workdir)
+    result = train_lora(
+        args.train_set,
+        args.text_cache or workdir.text_cache,
+        args.latent_cache or workdir.latent_cache,
+        config,
+        args.output_dir or workdir.train_dir(training_key(args.train_set, config)),
+    )
+    if PartialState().is_main_process:
+        print(json.dumps(asdict(result), default=str))
+    return result
+
+
+@task(name="train-lora")
+def train_task(
+    train_set_path: str, text_cache: str, latent_cache: str, config: RunConfig, workdir: str
+) -> dict:
+    """Train the style LoRA (cached by training_key); returns paths and loss summary."""
+    logger = get_run_logger()
+    output_dir = WorkDir(workdir).train_dir(training_key(train_set_path, config))
+
+    def report(record: dict, total: int) -> None:
+        every = max(1, min(100, total // 20))
+        if record["step"] % every == 0 or record["step"] == total:
+            logger.info(
+                "step %d/%d  loss %.4f  lr %.2e  grad norm %.3f",
+                record["step"],
+                total,
+                record["loss"],
+                record["lr"],
+                record["grad_norm"],
+            )
+
+    cached = (output_dir / "done.json").is_file()
+    result = train_lora(
+        Path(train_set_path), Path(text_cache), Path(latent_cache), config, output_dir, report
+    )
+    logger.info(
+        "%s LoRA in %s: %d steps, loss %.4f -> %.4f%s",
+        "cached" if cached else "trained",
+        result.adapter_dir,
+        result.steps,
+        result.first_loss,
+        result.final_loss,
+        f" (resumed from step {result.resumed_from})" if result.resumed_from else "",
+    )
+    return {
+        "adapter_dir": str(result.adapter_dir),
+        "steps": result.steps,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss,
+        "output_dir": str(output_dir),
+        "resumed_from": result.resumed_from,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Evaluate stage on the tiny PixArt (CPU, 64 px, 3 steps) with hand-built caches and adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import prefect.logging
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from configs import CONFIG_DIR, load_config
+from tasks import model_loading
+from tasks.cache import ShardedCache, content_key
+from tasks.contracts import LATENTS, PROMPT_SET, RESULT_FIELDS, TEXT_EMBEDDINGS, TRAIN_SET, write_table
+from tasks.evaluate import LINEAGE_FIELDS, evaluate, evaluate_task, evaluation_key
+from tasks.lora import ADAPTER_NAME, save_adapter
+from tasks.style_metrics import frechet_distance_diagonal, style_shift
+
+PROMPTS = [("a red circle", "shapes"), ("a teal fish | outlined", None)]
+SEEDS = [0, 1]
+LINEAGE = {name: f"test-{name}" for name in LINEAGE_FIELDS} | {"lora_rank": 4, "lora_alpha": 4.0}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_models, tmp_path_factory) -> dict:
+    """Prompt set, text and latent caches, train set and a LoRA adapter with non-zero B matrices."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    root = tmp_path_factory.mktemp("eval_inputs")
+    config = load_config(CONFIG_DIR / "demo.yaml")
+    config.evaluate.seeds = SEEDS
+    config.evaluate.num_inference_steps = 3
+    config.evaluate.batch_size = 3  # 4 samples per model -> batches of 3 and 1
+    transformer = model_loading.load_transformer(config.models, torch.float32, torch.device("cpu"))
+    dim, size = transformer.config.caption_channels, transformer.config.sample_size
+    channels = transformer.config.in_channels
+    rng = np.random.default_rng(0)
+
+    texts = [f"Image in the demo style, {p}" for p, _ in PROMPTS] + [""]
+    lengths = [7, 11, 1]
+    text_rows = [
+        {"key": content_key(text=t), "text": t, "length": n, "dim": dim, "dtype": "float32",
+         "embedding": rng.standard_normal((n, dim), dtype=np.float32).tobytes()}
+        for t, n in zip(texts, lengths)
+    ]  # fmt: skip
+    ShardedCache(root / "text", TEXT_EMBEDDINGS).write(pa.Table.from_pylist(text_rows))
+    prompt_rows = [
+        {"prompt": p, "styled_prompt": t, "category": c, "text_key": row["key"]}
+        for (p, c), t, row in zip(PROMPTS, texts, text_rows)
+    ]
+    write_table(pa.Table.from_pylist(prompt_rows), PROMPT_SET, root / "prompt_set.parquet")
+
+    latent_rows, train_rows = [], []
+    for i in range(6):
+        mean = (0.5 + 0.3 * rng.standard_normal((channels, size, size))).astype(np.float32)
+        key = content_key(latent=i)
+        latent_rows.append({
+            "key": key, "image_id": f"img{i}", "flipped": False, "channels": channels, "height": size,
+            "width": size, "dtype": "float32", "mean": mean.tobytes(), "std": np.ones_like(mean).tobytes(),
+        })  # fmt: skip
+        train_rows.append({"image_id": f"img{i}", "caption": "c", "text_key": text_rows[0]["key"],
+                           "latent_key": key, "flipped_latent_key": None})  # fmt: skip
+    ShardedCache(root / "latents", LATENTS).write(pa.Table.from_pylist(latent_rows))
+    write_table(pa.Table.from_pylist(train_rows), TRAIN_SET, root / "train_set.parquet")
+
+    lora_config = LoraConfig(r=4, lora_alpha=4, target_modules=config.train.resolved_targets)
+    inject_adapter_in_model(lora_config, transformer, adapter_name=ADAPTER_NAME)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:  # zero at init: the adapter would change nothing
+                param.normal_(0.0, 0.3)
+    save_adapter(transformer, root / "adapter", base_model=config.models.pixart)
+    return {
+        "prompt_set_path": root / "prompt_set.parquet", "train_set_path": root / "train_set.parquet",
+        "text_cache": root / "text", "latent_cache": root / "latents",
+        "empty_text_key": text_rows[-1]["key"], "adapter_dir": root / "adapter", "config": config,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def first_run(inputs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("eval_out")
+    return evaluate(**inputs, output_dir=output_dir, lineage=LINEAGE), output_dir
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_results_have_every_field_for_base_and_lora(first_run):
+    result, output_dir = first_run
+    rows = [json.loads(line) for line in result.results_path.read_text().splitlines()]
+    assert len(rows) == result.image_count == len(PROMPTS) * 2 * len(SEEDS)
+    assert all(tuple(row) == RESULT_FIELDS for row in rows)
+    assert {(r["model"], r["seed"]) for r in rows} == {(m, s) for m in ("base", "lora") for s in SEEDS}
+    assert {r["run_id"] for r in rows} == {"test-run_id"} and rows[0]["lora_rank"] == 4
+    assert rows[0]["steps"] == 3 and rows[0]["sampler"] == "ddim" and rows[0]["width"] == 64
+    assert rows[0]["created_at"].endswith("+00:00")
+    for row in rows:
+        assert _pixels(output_dir / row["image_path"]).shape == (64, 64, 3)
+
+
+def test_lora_changes_the_images_and_seeds_change_the_noise(first_run):
+    _, output_dir = first_run
+    base = _pixels(output_dir / "images/base/000-seed0.png")
+    assert not np.array_equal(base, _pixels(output_dir / "images/lora/000-seed0.png"))
+    assert not np.array_equal(base, _pixels(output_dir / "images/base/000-seed1.png"))
+
+
+def test_grid_puts_base_left_and_lora_right(first_run):
+    result, output_dir = first_run
+    assert [p.name for p in result.grid_paths] == ["000.png", "001.png"]
+    grid = _pixels(result.grid_paths[1])
+    assert grid.shape == (64 * len(SEEDS), 2 * 64, 3)
+    assert np.array_equal(grid[64:, :64], _pixels(output_dir / "images/base/001-seed1.png"))
+    assert np.array_equal(grid[64:, 64:], _pixels(output_dir / "images/lora/001-seed1.png"))
+
+
+def test_metrics_and_report_are_written(first_run):
+    result, output_dir = first_run
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics == result.metrics
+    for name in ("latent_fd_base", "latent_fd_lora", "latent_fd_ratio", "color_distance_base",
+                 "color_distance_lora"):  # fmt: skip
+        assert math.isfinite(metrics[name]) and metrics[name] >= 0, name
+    report = result.report_path.read_text()
+    assert "[grid](grids/001.png)" in report and "fish \\| outlined" in report
+    assert f"{metrics['latent_fd_ratio']:.3f}" in report
+
+
+def test_task_reruns_identically_then_hits_its_cache(inputs, first_run, tmp_path, monkeypatch):
+    result, output_dir = first_run
+    with prefect.logging.disable_run_logger():
+        record = evaluate_task.fn(**{k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()},
+                                  workdir=str(tmp_path), lineage=LINEAGE)  # fmt: skip
+    key = evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], inputs["config"])
+    assert record["eval_dir"] == str(tmp_path / "cache" / "eval" / key[:16]) and not record["cached"]
+    again = Path(record["eval_dir"])
+    for path in sorted((output_dir / "images").rglob("*.png")):  # same seeds -> same pixels
+        assert np.array_equal(_pixels(path), _pixels(again / path.relative_to(output_dir))), path
+    assert record["metrics"] == result.metrics
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a cache hit must not load models")
+
+    monkeypatch.setattr(model_loading, "load_transformer", no_models)
+    with prefect.logging.disable_run_logger():
+        hit = evaluate_task.fn(**inputs, workdir=str(tmp_path), lineage=LINEAGE)
+    assert hit["cached"] and hit["metrics"] == result.metrics and hit["image_count"] == result.image_count
+
+
+def test_dpm_sampler(inputs, first_run, tmp_path):
+    config = inputs["config"].model_copy(deep=True)
+    config.evaluate.sampler, config.evaluate.seeds = "dpm", [0]
+    result = evaluate(**(inputs | {"config": config}), output_dir=tmp_path, lineage=LINEAGE)
+    rows = [json.loads(line) for line in result.results_path.read_text().splitlines()]
+    assert len(rows) == 4 and {r["sampler"] for r in rows} == {"dpm"}
+    ddim = _pixels(first_run[1] / "images/lora/000-seed0.png")
+    assert not np.array_equal(_pixels(tmp_path / "images/lora/000-seed0.png"), ddim)
+
+
+def test_key_follows_the_settings(inputs):
+    config = inputs["config"]
+    key = evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], config)
+    other = config.model_copy(deep=True)
+    other.evaluate.guidance_scale = 2.0
+    assert evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], other) != key
+    moved = config.model_copy(deep=True)
+    moved.evaluate.prompts_file = "elsewhere/prompts.jsonl"  # same rows in the prompt set
+    assert evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], moved) == key
+
+
+def test_bad_lineage_is_refused_before_any_work(inputs, tmp_path):
+    with pytest.raises(ValueError, match=r"missing fields \['run_id'\]"):
+        evaluate(**inputs, output_dir=tmp_path, lineage={k: v for k, v in LINEAGE.items() if k != "run_id"})
+    assert not any(tmp_path.iterdir())
+
+
+def test_frechet_distance_prefers_the_training_distribution():
+    rng = np.random.default_rng(0)
+    mean, scale = rng.standard_normal((4, 8, 8)), 0.2
+    train = mean + scale * rng.standard_normal((64, 4, 8, 8))
+    same = mean + scale * rng.standard_normal((8, 4, 8, 8))
+    noise = rng.standard_normal((8, 4, 8, 8))
+    assert frechet_distance_diagonal(same, train) < frechet_distance_diagonal(noise, train)
+    assert frechet_distance_diagonal(train, train) == pytest.approx(0.0, abs=1e-9)
+    assert math.isfinite(frechet_distance_diagonal(same[:1], train))  # one sample is enough
+
+
+def test_style_shift_colour_distance():
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal((3, 4, 8, 8))
+    train_images = np.full((2, 8, 8, 3), (200, 100, 50), dtype=np.uint8)
+    near = np.full((1, 8, 8, 3), (190, 100, 50), dtype=np.uint8)  # 10 off in one channel
+    far = np.full((1, 8, 8, 3), (0, 0, 0), dtype=np.uint8)
+    metrics = style_shift(latents[:1] + 3, latents[:1], latents, far, near, train_images)
+    assert metrics["color_distance_lora"] == pytest.approx(10 / 3)
+    assert metrics["color_distance_base"] == pytest.approx(350 / 3)
+    assert metrics["latent_fd_ratio"] > 1 and metrics["mean_rgb_train"] == [200.0, 100.0, 50.0]

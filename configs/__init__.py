@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,7 @@ REFERENCE_TARGETS = [
 ]  # fmt: skip
 ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TARGET_PRESETS = {"reference": REFERENCE_TARGETS, "attention": ATTENTION_TARGETS}
+BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*[A-Za-z0-9_-]")
 
 
 class Strict(BaseModel):
@@ -71,6 +74,12 @@ class ModelsConfig(Strict):
     text_encoder: str | None = Field(
         None, description="T5 encoder folder or hub id; default: the PixArt repo's text_encoder/tokenizer."
     )
+    pixart_revision: str | None = Field(
+        None, min_length=1, description="Hub branch, tag or commit of `pixart`; part of the embed cache keys."
+    )
+    text_encoder_revision: str | None = Field(
+        None, min_length=1, description="Hub branch, tag or commit of `text_encoder` (when that is set)."
+    )
     llava: str = Field(
         "llava-hf/llava-1.5-7b-hf", description="LLaVA hub id or folder ('tiny:llava' builds a tiny one)."
     )
@@ -81,6 +90,21 @@ class RecaptionConfig(Strict):
     prompt_template: str = Field(MISSION_PROMPT, description="Prompt; '{caption}' is the original caption.")
     batch_size: int = Field(8, gt=0, description="Images per LLaVA batch.")
     max_new_tokens: int = Field(96, gt=0, le=512, description="Fits T5's 120-token budget by default.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load LLaVA's language model in 8 or 4 bits (bitsandbytes; CUDA only)."
+    )
+    model_revision: str | None = Field(
+        None, min_length=1, description="Hub branch, tag or commit of models.llava; part of the cache key."
+    )
+    caption_column_out: str = Field(
+        "llava_caption", min_length=1, description="Column the captions branch adds to the metadata file."
+    )
+    branch_template: str = Field(
+        "captions/{model_name}", description="Branch of the dataset repo that receives the captions."
+    )
+    schedule: str | None = Field(
+        None, description="Cron expression (5 fields, e.g. '0 3 * * *') for the scheduled recaption job."
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -89,12 +113,52 @@ class RecaptionConfig(Strict):
             raise ValueError("must contain '{caption}'")
         return value
 
+    @field_validator("caption_column_out")
+    @classmethod
+    def _not_file_name(cls, value: str) -> str:
+        if value == "file_name":
+            raise ValueError("'file_name' is the image path column; pick another name")
+        return value
+
+    @field_validator("branch_template")
+    @classmethod
+    def _valid_branch(cls, value: str) -> str:
+        try:
+            example = value.format(model_name="llava-1.5-7b-hf")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("only '{model_name}' may appear in braces") from None
+        if not BRANCH_NAME.fullmatch(example) or ".." in example or "//" in example:
+            raise ValueError(f"gives {example!r}, not a valid branch name")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from cronsim import CronSim, CronSimError  # stricter than Prefect's croniter: no '@daily' aliases
+
+        try:
+            CronSim(value, datetime.now(UTC))
+        except CronSimError as exc:
+            raise ValueError(f"not a 5-field cron expression such as '0 3 * * *': {exc}") from None
+        return value
+
+    def branch(self, model_id: str) -> str:
+        """The captions branch for a captioner id: 'llava-hf/llava-1.5-7b-hf' -> 'captions/llava-1.5-7b-hf'."""
+        model_name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_id.rstrip("/").split("/")[-1]).strip("-.")
+        return self.branch_template.format(model_name=model_name or "model")
+
 
 class EmbedConfig(Strict):
     resolution: int = Field(512, ge=64, le=2048, multiple_of=64, description="Training image size in pixels.")
     max_length: int = Field(120, gt=0, le=512, description="T5 tokens per caption (PixArt uses 120).")
     batch_size: int = Field(16, gt=0, description="Captions or images per encoder batch.")
     flip: bool = Field(False, description="Also cache horizontally flipped latents (flip augmentation).")
+    buckets: bool = Field(
+        False, description="Aspect-ratio buckets (PixArt's 512 table, scaled): images are not cropped square."
+    )
+    max_shard_mb: int = Field(256, ge=1, description="Largest cache shard file, in MiB.")
 
 
 class TrainConfig(Strict):
@@ -116,6 +180,7 @@ class TrainConfig(Strict):
     use_8bit_adam: bool = Field(False, description="bitsandbytes AdamW8bit (GPU only).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each transformer block (CUDA only; faster steps).")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpointing_steps: int = Field(500, gt=0, description="Save a resumable checkpoint every N steps.")
     checkpoints_total_limit: int | None = Field(2, gt=0)
@@ -142,6 +207,12 @@ class EvaluateConfig(Strict):
     guidance_scale: float = Field(4.5, ge=1.0)
     sampler: Literal["dpm", "ddim"] = Field("dpm", description="'ddim' (with sample clipping) suits tiny models.")
     batch_size: int = Field(8, gt=0)
+    checkpoints: list[int] = Field(
+        default_factory=list, description="Training steps whose checkpoints are also sampled, as 'checkpoint-N'."
+    )
+    clip_model: str | None = Field(
+        None, description="CLIP hub id or folder for image-embedding similarity to the training set; off if unset."
+    )
 
     @field_validator("style_template")
     @classmethod
@@ -154,6 +225,9 @@ class EvaluateConfig(Strict):
 class ResultsConfig(OxenRepoConfig):
     repo: str = Field("oxen/results", description="Results repo (relative paths are under the work dir).")
     branch_prefix: str = Field("runs/", description="Each run commits to branch <prefix><run id>.")
+    token_secret: str | None = Field(
+        None, description="Prefect Secret block holding the host's API token; default: $OXEN_API_KEY."
+    )
 
 
 class RunConfig(Strict):
@@ -174,6 +248,28 @@ class RunConfig(Strict):
     def _8bit_adam_needs_cuda(self) -> RunConfig:
         if self.device == "cpu" and self.train.use_8bit_adam:
             raise ValueError("train.use_8bit_adam needs a CUDA device (bitsandbytes)")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_are_saved(self) -> RunConfig:
+        """evaluate.checkpoints must name checkpoints that training writes and keeps."""
+        train, wanted = self.train, self.evaluate.checkpoints
+        if bad := [n for n in wanted if n <= 0 or n % train.checkpointing_steps]:
+            raise ValueError(f"evaluate.checkpoints {bad}: not multiples of train.checkpointing_steps")
+        if train.max_steps and train.checkpoints_total_limit:
+            saved = range(train.checkpointing_steps, train.max_steps + 1, train.checkpointing_steps)
+            kept = list(saved)[-train.checkpoints_total_limit :]
+            if missing := [n for n in wanted if n not in kept]:
+                raise ValueError(f"evaluate.checkpoints {missing}: training keeps only checkpoints {kept}")
+        return self
+
+    @model_validator(mode="after")
+    def _recaption_settings_fit(self) -> RunConfig:
+        recaption = self.recaption
+        if self.device == "cpu" and recaption.quantization != "none":
+            raise ValueError("recaption.quantization needs a CUDA device (bitsandbytes)")
+        if recaption.enabled and recaption.caption_column_out == self.dataset.caption_column:
+            raise ValueError("recaption.caption_column_out must differ from dataset.caption_column")
         return self
 
     def fingerprint(self) -> str:

@@ -60,6 +60,8 @@ class LocalServer:
         port = free_port()
         env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(self.prefect_home)}
         env.pop("PREFECT_API_URL", None)
+        # The UI's JavaScript calls the API at this address; its default is port 4200, not ours.
+        env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -1,18 +1,32 @@
 """The style run: pull -> re-caption -> embed -> train -> evaluate -> push, as one Prefect flow.
 
-Wiring only: each stage is a task in tasks/, passing paths and small records. Every stage is
-content-addressed, so re-running with nothing changed recomputes nothing and a killed run
-picks up where it stopped.
+Wiring only: each stage is a task in tasks/, passing paths and small records. On top of the
+stages' own content-addressed outputs, every stage is a Prefect cached task keyed by just what
+it depends on (flows/caching.py): a re-run with nothing changed shows each stage as Cached and
+takes seconds. GPU stages hold a slot of the `gpu` concurrency limit (flows/gpu.py). The run
+shows its progress and results in the Prefect UI as artifacts (tasks/artifacts.py builds them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from configs import RunConfig
-from tasks.embed import embed_task
+from flows.caching import cached, is_cached, missing_files
+from flows.gpu import gpu_slot
+from tasks import artifacts
+from tasks.embed import embed_task, read_prompts, resolve_prompts_file
 from tasks.evaluate import evaluate_task
 from tasks.lineage import build_lineage, make_run_id, write_run_files, write_run_summary
 from tasks.pull import pull_task
@@ -20,35 +34,134 @@ from tasks.push import push_task
 from tasks.recaption import recaption_task
 from tasks.train import train_task
 
+CAPTION_ROWS = 20  # captions shown in the UI table
+
+
+class RunBoard:
+    """Runs the stages and shows the run in the UI: a progress artifact updated after every stage,
+    and one artifact per result. A failed artifact is a warning, never a failed run."""
+
+    def __init__(self, config: RunConfig, workdir: str):
+        self.workdir = workdir
+        self.prefix = artifacts.artifact_key(config.run_name)
+        self.states: dict[str, str] = {}
+        self.logger = get_run_logger()
+        self.progress_id = self.publish(
+            create_progress_artifact, progress=0.0, key=self.key("progress"),
+            description=artifacts.progress_description({}, "pull"),
+        )  # fmt: skip
+
+    def stage(self, name: str, task: Task, *args, gpu: bool = False) -> dict:
+        """Run one stage as a cached task; a GPU stage holds a GPU slot unless its result is cached."""
+        stage = cached(task, name, self.workdir)
+        needs_gpu = gpu and not is_cached(task, name, self.workdir, args)
+        with gpu_slot(name) if needs_gpu else contextlib.nullcontext():
+            state = stage(*args, return_state=True)
+            result = state.result()  # raises the stage's own error
+            if state.name == "Cached" and (missing := missing_files(result)):
+                self.logger.warning("%s: cached result names deleted files %s; rerunning", name, missing[:3])
+                state = stage.with_options(refresh_cache=True)(*args, return_state=True)
+                result = state.result()
+        self.states[name] = state.name
+        done = len(self.states)
+        if self.progress_id is not None:
+            following = artifacts.STAGES[done] if done < len(artifacts.STAGES) else None
+            self.publish(
+                update_progress_artifact, artifact_id=self.progress_id,
+                progress=100.0 * done / len(artifacts.STAGES),
+                description=artifacts.progress_description(self.states, following),
+            )  # fmt: skip
+        return result
+
+    def key(self, name: str) -> str:
+        return artifacts.artifact_key(self.prefix, name)
+
+    def publish(self, create, **kwargs):
+        try:
+            return create(**kwargs)
+        except Exception as exc:  # the UI is a view of the run; the run's outputs are on disk
+            self.logger.warning("could not publish artifact %s: %s", kwargs.get("key"), exc)
+            return None
+
+    def table(self, name: str, rows: list[dict], description: str) -> None:
+        self.publish(create_table_artifact, key=self.key(name), table=rows, description=description)
+
+    def markdown(self, name: str, text: str, description: str) -> None:
+        self.publish(create_markdown_artifact, key=self.key(name), markdown=text, description=description)
+
+    def image(self, name: str, path: Path, description: str) -> None:
+        served = os.environ.get("PIXART_IMAGE_ROOT"), os.environ.get("PIXART_IMAGE_URL")
+        url = artifacts.image_url(path, *served)
+        if url is None:  # too large to inline, and no image server serves its folder
+            self.markdown(name, f"Too large to show here: `{path}`", description)
+        elif url.startswith("data:"):  # an image artifact prints its URL under the image: pages of base64
+            self.markdown(name, f"![{description}]({url})\n\n`{path}`", description)
+        else:
+            self.publish(create_image_artifact, image_url=url, key=self.key(name), description=description)
+
 
 @flow(name="style-run")
 def style_run(config: RunConfig, workdir: str = "runs") -> dict:
     """Teach PixArt-alpha the style of an Oxen dataset and push base-vs-LoRA results to Oxen."""
     logger = get_run_logger()
     workdir = str(Path(workdir).resolve())
+    run = RunBoard(config, workdir)
 
-    pulled = pull_task(config, workdir)
+    pulled = run.stage("pull", pull_task, config, workdir)
     run_id = make_run_id(config, pulled["commit_id"])
     run_dir = str(Path(workdir) / "runs" / run_id)
     logger.info("run %s in %s", run_id, run_dir)
 
-    captions = recaption_task(pulled["manifest"], config, workdir, run_dir)
-    embeddings = embed_task(pulled["manifest"], captions["captions"], config, workdir, run_dir)
-    trained = train_task(
-        embeddings["train_set"], embeddings["text_cache"], embeddings["latent_cache"], config, workdir
+    captions = run.stage("recaption", recaption_task, pulled["manifest"], config, workdir, run_dir, gpu=True)
+    shown = min(CAPTION_ROWS, captions["rows"])
+    run.table("captions", artifacts.caption_rows(captions["captions"], CAPTION_ROWS),
+              f"First {shown} of {captions['rows']} captions: original and generated")  # fmt: skip
+
+    embeddings = run.stage(
+        "embed", embed_task, pulled["manifest"], captions["captions"], config, workdir, run_dir, gpu=True
     )
+    caches = embeddings["text_cache"], embeddings["latent_cache"]
+    trained = run.stage("train", train_task, embeddings["train_set"], *caches, config, workdir, gpu=True)
+    train_log = Path(trained["output_dir"]) / "train_log.jsonl"
+    curve_path = Path(run_dir) / "artifacts" / "loss-curve.png"
+    curve = artifacts.loss_curve(artifacts.read_train_log(train_log), curve_path)
+    run.image("loss-curve", curve, f"Training loss, {trained['steps']} steps")
+
     lineage = build_lineage(config, run_id, pulled["commit_id"], trained["adapter_dir"])
-    evaluated = evaluate_task(
-        embeddings["prompt_set"], embeddings["train_set"], embeddings["text_cache"], embeddings["latent_cache"],
-        embeddings["empty_text_key"], trained["adapter_dir"], config, workdir, lineage,
+    evaluated = run.stage(
+        "evaluate", evaluate_task, embeddings["prompt_set"], embeddings["train_set"], *caches,
+        embeddings["empty_text_key"], trained["adapter_dir"], config, workdir, lineage, gpu=True,
     )  # fmt: skip
+    publish_evaluation(run, config, run_id, run_dir, evaluated)
+
     run_files = write_run_files(config, Path(run_dir), lineage)
     extra = {name: str(path) for name, path in run_files.items()}
-    extra["train_log.jsonl"] = str(Path(trained["output_dir"]) / "train_log.jsonl")
-    pushed = push_task(config, workdir, run_id, evaluated["eval_dir"], trained["adapter_dir"], extra)
+    extra["train_log.jsonl"] = str(train_log)
+    pushed = run.stage(
+        "push", push_task, config, workdir, run_id, evaluated["eval_dir"], trained["adapter_dir"], extra
+    )
+    run.table("results", artifacts.results_rows(run_id, pushed), f"Results commit of {run_id}")
 
-    stages = {"pull": pulled, "recaption": captions, "embed": embeddings, "train": trained,
-              "evaluate": evaluated, "push": pushed}  # fmt: skip
+    results = {"pull": pulled, "recaption": captions, "embed": embeddings, "train": trained,
+               "evaluate": evaluated, "push": pushed}  # fmt: skip
+    stages = {name: {**result, "state": run.states[name]} for name, result in results.items()}
     summary = write_run_summary(Path(run_dir), stages, run_id)
-    logger.info("results: %s@%s (%s); summary %s", pushed["repo"], pushed["branch"], pushed["commit_id"], summary)
-    return {"run_id": run_id, "run_dir": run_dir, "summary": str(summary), "results": pushed}
+    logger.info(
+        "results: %s@%s (%s); summary %s", pushed["repo"], pushed["branch"], pushed["commit_id"], summary
+    )
+    return {"run_id": run_id, "run_dir": run_dir, "summary": str(summary), "results": pushed,
+            "states": run.states}  # fmt: skip
+
+
+def publish_evaluation(run: RunBoard, config: RunConfig, run_id: str, run_dir: str, evaluated: dict) -> None:
+    """The base|LoRA grids on one sheet (a row per prompt) and the style-shift metric."""
+    prompts = read_prompts(resolve_prompts_file(config.evaluate.prompts_file), config.evaluate.style_template)
+    labels = [f"{i}. {p['prompt']}" for i, p in enumerate(prompts)]
+    grids = evaluated["grid_paths"]
+    if len(labels) == len(grids):
+        sheet = artifacts.grid_sheet(grids, labels, Path(run_dir) / "artifacts" / "lora-grid.png")
+        run.image("lora-grid", sheet, f"base | LoRA for {len(labels)} prompts, seeds {config.evaluate.seeds}")
+    else:
+        run.logger.warning("%d grids for %d prompts: no grid sheet", len(grids), len(labels))
+    run.markdown("style-shift", artifacts.metrics_markdown(evaluated["metrics"], run_id),
+                 "How far the LoRA moved samples toward the training style")  # fmt: skip

@@ -5,18 +5,23 @@ trained, so their outputs are computed here and cached by content; training then
 them. Text: T5 hidden states of each caption/prompt at `max_length` tokens, storing only the
 valid tokens (the rest are padding that the attention mask hides). Images: the VAE's latent
 *distribution* (mean, std, unscaled), so training draws a fresh sample each step as the
-reference script does. The empty string is embedded too: it is the unconditional text for
-classifier-free guidance.
+reference script does; with `embed.buckets` each image keeps its aspect ratio (tasks/buckets.py).
+The empty string is embedded too: it is the unconditional text for classifier-free guidance.
+Values are stored in the dtype they were computed in (bfloat16 on GPU, float32 in the CPU demo).
 
-Outputs: rows in the text/latent caches (contracts.TEXT_EMBEDDINGS, contracts.LATENTS) and
-two small tables in the run dir that point into them: train_set.parquet, prompt_set.parquet.
+Outputs: rows in the text/latent caches (contracts.TEXT_EMBEDDINGS, contracts.LATENTS), two
+small tables in the run dir that point into them (train_set.parquet, prompt_set.parquet), and
+the memory-mapped training view built from them (<run_dir>/train_view, tasks/cached_dataset.py).
+The models are dropped before each embed_* function returns, so their memory is free for training.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +33,22 @@ from tqdm.auto import tqdm
 
 from configs import EmbedConfig, ModelsConfig, RunConfig
 from tasks import contracts, model_loading
+from tasks.buckets import bucket_name, bucket_table, nearest_bucket
 from tasks.cache import ShardedCache, content_key
+from tasks.cached_dataset import build_train_view
 from tasks.images import load_rgb
 from tasks.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
 EMPTY_TEXT = ""  # the unconditional caption for classifier-free guidance
-STORED_DTYPE = "float32"  # dtype of cached arrays (smaller dtypes later)
 FLUSH_EVERY = 4  # batches per cache shard: a killed run keeps all but the last few batches
+LOADER_THREADS = min(8, os.cpu_count() or 1)  # image decoding overlaps the VAE (PIL releases the GIL)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Part of every latent key: changing how images are cropped must not reuse old latents.
-PREPROCESS = "resize-shorter-bilinear/center-crop/[-1,1]"
+PREPROCESS = "resize-cover-bilinear/center-crop/[-1,1]"
+
+Size = tuple[int, int]  # (height, width) in pixels
 
 
 # --- Keys ------------------------------------------------------------------------------------------
@@ -53,28 +62,81 @@ def text_encoder_id(models: ModelsConfig) -> str:
     return models.text_encoder or f"{models.pixart}/text_encoder"
 
 
+def text_encoder_revision(models: ModelsConfig) -> str | None:
+    return models.text_encoder_revision if models.text_encoder else models.pixart_revision
+
+
 def vae_id(models: ModelsConfig) -> str:
     return f"{models.pixart}/vae"
 
 
-def text_embedding_key(text: str, encoder_id: str, max_length: int, dtype: str) -> str:
-    return content_key(kind="text", text=text, encoder=encoder_id, max_length=max_length, dtype=dtype)
-
-
-def latent_key(image_id: str, vae: str, resolution: int, flipped: bool, dtype: str) -> str:
+def text_embedding_key(
+    text: str, encoder_id: str, max_length: int, dtype: str, revision: str | None = None
+) -> str:
+    """An unpinned revision (None: the hub's main branch) cannot tell when upstream weights change;
+    pin a commit in models.*_revision for caches that must follow the weights exactly."""
     return content_key(
-        kind="latent", image_id=image_id, vae=vae, resolution=resolution, flipped=flipped,
+        kind="text", text=text, encoder=encoder_id, revision=revision, max_length=max_length, dtype=dtype
+    )  # fmt: skip
+
+
+def latent_key(
+    image_id: str, vae: str, size: Size, flipped: bool, dtype: str, revision: str | None = None
+) -> str:
+    """`size` is the (height, width) the image is cropped to: the resolution, or its bucket."""
+    return content_key(
+        kind="latent", image_id=image_id, vae=vae, revision=revision, size=bucket_name(size), flipped=flipped,
         dtype=dtype, preprocess=PREPROCESS,
     )  # fmt: skip
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Row-major bytes of a tensor in its own dtype; bfloat16 as its 16-bit patterns (numpy has
+    none; contracts.array_from_bytes and the training view read them back)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+# --- Cache writes ----------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Writes cache shards on a background thread, so the accelerator does not wait for parquet
+    and checksums; at most one shard is in flight. close() waits and re-raises a failed write."""
+
+    def __init__(self, cache: ShardedCache):
+        self.cache, self._pool = cache, ThreadPoolExecutor(1)
+        self._pending: Future | None = None
+
+    def write(self, rows: list[dict]) -> None:
+        """Hand `rows` over (the list is emptied) to be written as a shard."""
+        if rows:
+            self._wait()
+            self._pending = self._pool.submit(self._write, list(rows))
+            rows.clear()
+
+    def _write(self, rows: list[dict]) -> None:
+        self.cache.write(pa.Table.from_pylist(rows, schema=self.cache.schema))
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+
+
+def _shard_bytes(embed_cfg: EmbedConfig) -> int:
+    return embed_cfg.max_shard_mb << 20
+
+
 # --- Text ------------------------------------------------------------------------------------------
-
-
-def _flush(cache: ShardedCache, rows: list[dict]) -> None:
-    if rows:
-        cache.write(pa.Table.from_pylist(rows, schema=cache.schema))
-        rows.clear()
 
 
 def embed_texts(
@@ -86,16 +148,16 @@ def embed_texts(
     dtype: torch.dtype,
 ) -> list[str]:
     """Cache the T5 embedding of every text; return their keys in the order given."""
-    encoder = text_encoder_id(models_cfg)
-    keys = [text_embedding_key(t, encoder, embed_cfg.max_length, dtype_name(dtype)) for t in texts]
-    cache = ShardedCache(Path(cache_dir), contracts.TEXT_EMBEDDINGS)
+    encoder, revision = text_encoder_id(models_cfg), text_encoder_revision(models_cfg)
+    keys = [text_embedding_key(t, encoder, embed_cfg.max_length, dtype_name(dtype), revision) for t in texts]
+    cache = ShardedCache(Path(cache_dir), contracts.TEXT_EMBEDDINGS, _shard_bytes(embed_cfg))
     missing = set(cache.missing(keys))
     todo = list({k: t for k, t in zip(keys, texts, strict=True) if k in missing}.items())
     if not todo:
         return keys
 
     tokenizer, model = model_loading.load_text_encoder(models_cfg, dtype, device)
-    rows: list[dict] = []
+    writer, rows = _ShardWriter(cache), []
     try:
         # Similar lengths in one batch: padding to the batch's longest text wastes little.
         lengths = tokenizer([t for _, t in todo], truncation=True, max_length=embed_cfg.max_length)
@@ -106,9 +168,10 @@ def embed_texts(
             batch = todo[start : start + embed_cfg.batch_size]
             rows += _encode_text_batch(batch, tokenizer, model, embed_cfg.max_length, device)
             if (n + 1) % FLUSH_EVERY == 0:
-                _flush(cache, rows)
+                writer.write(rows)
     finally:
-        _flush(cache, rows)  # finished batches are valid even when a later one failed
+        writer.write(rows)  # finished batches are valid even when a later one failed
+        writer.close()
         del tokenizer, model
         model_loading.release()
     log.info("embedded %d of %d texts (%d cached)", len(todo), len(set(keys)), len(set(keys)) - len(todo))
@@ -121,16 +184,20 @@ def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.d
         [text for _, text in batch], padding="longest", truncation=True, max_length=max_length,
         return_tensors="pt",
     )  # fmt: skip
-    mask = tokens.attention_mask.to(device)
-    hidden = model(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    mask = tokens.attention_mask.bool()
+    hidden = model(
+        input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+    ).last_hidden_state
+    # The valid tokens (whichever side was padded), gathered on the device and moved in one
+    # transfer; split() then gives each caption's rows as a view. Boolean-indexing every row on
+    # the CPU instead took milliseconds per caption, longer than its share of the T5 forward.
+    valid = hidden[mask.to(device)].cpu().split(mask.sum(1).tolist())
     rows = []
-    for (key, text), states, valid in zip(batch, hidden, mask.bool(), strict=True):
-        # Boolean indexing keeps only the tokens the mask marks valid, whichever side was padded.
-        array = states[valid].float().cpu().numpy()
+    for (key, text), array in zip(batch, valid, strict=True):
         rows.append(
             {
                 "key": key, "text": text, "length": array.shape[0], "dim": array.shape[1],
-                "dtype": STORED_DTYPE, "embedding": contracts.array_to_bytes(array.astype(STORED_DTYPE)),
+                "dtype": dtype_name(array.dtype), "embedding": tensor_bytes(array),
             }
         )  # fmt: skip
     return rows
@@ -139,7 +206,9 @@ def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.d
 def load_text_embeddings(
     cache_dir: Path, keys: Sequence[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings [N, max_length, dim] float32, attention mask [N, max_length] long), right-padded."""
+    """(embeddings [N, max_length, dim] float32, attention mask [N, max_length] long), right-padded.
+
+    Everything in memory: for the evaluation prompts and small sets; training reads the view."""
     table = ShardedCache(Path(cache_dir), contracts.TEXT_EMBEDDINGS).read(keys)
     dims = set(table.column("dim").to_pylist())
     if len(dims) > 1:
@@ -161,23 +230,34 @@ def load_text_embeddings(
 # --- Images ----------------------------------------------------------------------------------------
 
 
-def preprocess_image(image: Image.Image, resolution: int) -> torch.Tensor:
-    """PixArt's 512 training transform: shorter side -> resolution (bilinear), centre crop, [-1, 1].
+def preprocess_image(image: Image.Image, size: int | Size) -> torch.Tensor:
+    """Resize (bilinear) to cover `size` (height, width; an int means square), centre-crop, [-1, 1].
 
-    Sizes and offsets follow torchvision's Resize(int) and CenterCrop, so the latents match
-    the reference script's.
+    For a square size this is PixArt's 512 training transform, with sizes and offsets as in
+    torchvision's Resize(int) and CenterCrop, so the latents match the reference script's.
     """
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(resolution * long / short)
-    size = (resolution, new_long) if width <= height else (new_long, resolution)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    top = round((size[1] - resolution) / 2.0)
-    left = round((size[0] - resolution) / 2.0)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    height, width = (size, size) if isinstance(size, int) else size
+    w, h = image.size
+    if width * h >= height * w:  # the width is the tighter fit: it sets the scale
+        new_size = (width, max(height, int(width * h / w)))
+    else:
+        new_size = (max(width, int(height * w / h)), height)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BILINEAR)
+    top = round((new_size[1] - height) / 2.0)
+    left = round((new_size[0] - width) / 2.0)
+    image = image.crop((left, top, left + width, top + height))
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def image_size(row: Mapping, embed_cfg: EmbedConfig) -> Size:
+    """The (height, width) a manifest row's image is encoded at: square, or its bucket."""
+    if not embed_cfg.buckets:
+        return embed_cfg.resolution, embed_cfg.resolution
+    if "height" not in row or "width" not in row:
+        raise ValueError(f"image {row['image_id']}: buckets need the manifest's width and height")
+    return nearest_bucket(row["height"], row["width"], bucket_table(embed_cfg.resolution))
 
 
 def embed_images(
@@ -190,67 +270,88 @@ def embed_images(
 ) -> list[tuple[str, str | None]]:
     """Cache the VAE latent distribution of every manifest row's image (and its mirror image
     when embed_cfg.flip); return (latent key, flipped key or None) per row, in order."""
-    vae_name, res, dt = vae_id(models_cfg), embed_cfg.resolution, dtype_name(dtype)
-    pairs = [
-        (
-            latent_key(row["image_id"], vae_name, res, False, dt),
-            latent_key(row["image_id"], vae_name, res, True, dt) if embed_cfg.flip else None,
-        )
-        for row in manifest_rows
-    ]
-    # One job per latent to compute: (key, image id, path, flipped). Dict order dedupes.
-    jobs: dict[str, tuple[str, str, bool]] = {}
-    for row, (plain, flipped) in zip(manifest_rows, pairs, strict=True):
-        jobs[plain] = (row["image_id"], row["image_path"], False)
+    vae_name, dt, revision = vae_id(models_cfg), dtype_name(dtype), models_cfg.pixart_revision
+    # One job per latent to compute: key -> (image id, path, flipped, size). Dict order dedupes.
+    jobs: dict[str, tuple[str, str, bool, Size]] = {}
+    pairs = []
+    for row in manifest_rows:
+        size = image_size(row, embed_cfg)
+        plain = latent_key(row["image_id"], vae_name, size, False, dt, revision)
+        flipped = latent_key(row["image_id"], vae_name, size, True, dt, revision) if embed_cfg.flip else None
+        pairs.append((plain, flipped))
+        jobs[plain] = (row["image_id"], row["image_path"], False, size)
         if flipped:
-            jobs[flipped] = (row["image_id"], row["image_path"], True)
-    cache = ShardedCache(Path(cache_dir), contracts.LATENTS)
+            jobs[flipped] = (row["image_id"], row["image_path"], True, size)
+    cache = ShardedCache(Path(cache_dir), contracts.LATENTS, _shard_bytes(embed_cfg))
     missing = set(cache.missing(jobs))
-    todo = [(key, *job) for key, job in jobs.items() if key in missing]
-    if not todo:
+    by_size: dict[Size, list[tuple]] = {}  # a VAE batch needs one image size
+    for key, job in jobs.items():
+        if key in missing:
+            by_size.setdefault(job[3], []).append((key, *job))
+    batches = [
+        group[i : i + embed_cfg.batch_size]
+        for _, group in sorted(by_size.items())
+        for i in range(0, len(group), embed_cfg.batch_size)
+    ]
+    if not batches:
         return pairs
 
     vae = model_loading.load_vae(models_cfg, dtype, device)
-    rows: list[dict] = []
+    writer, rows = _ShardWriter(cache), []
     try:
-        starts = range(0, len(todo), embed_cfg.batch_size)
-        for n, start in enumerate(tqdm(starts, desc="VAE latents", unit="batch")):
-            rows += _encode_image_batch(todo[start : start + embed_cfg.batch_size], vae, res, device, dtype)
-            if (n + 1) % FLUSH_EVERY == 0:
-                _flush(cache, rows)
+        with ThreadPoolExecutor(LOADER_THREADS) as pool:
+            loaded = _pixel_batches(batches, pool)
+            for n, (batch, pixels) in enumerate(
+                tqdm(loaded, total=len(batches), desc="VAE latents", unit="batch")
+            ):
+                rows += _encode_image_batch(batch, pixels, vae, device, dtype)
+                if (n + 1) % FLUSH_EVERY == 0:
+                    writer.write(rows)
     finally:
-        _flush(cache, rows)  # finished batches are valid even when a later one failed
+        writer.write(rows)  # finished batches are valid even when a later one failed
+        writer.close()
         del vae
         model_loading.release()
-    log.info("encoded %d of %d latents (%d cached)", len(todo), len(jobs), len(jobs) - len(todo))
+    computed = sum(len(b) for b in batches)
+    log.info("encoded %d of %d latents (%d cached)", computed, len(jobs), len(jobs) - computed)
     return pairs
 
 
-def _load_pixels(image_id: str, path: str, resolution: int, flipped: bool) -> torch.Tensor:
+def _load_pixels(job: tuple) -> torch.Tensor:
+    _, image_id, path, flipped, size = job
     try:
         image = load_rgb(Path(path))
     except (OSError, ValueError) as exc:
         raise ValueError(f"image {image_id} ({path}): cannot be read: {exc}") from None
-    pixels = preprocess_image(image, resolution)
+    pixels = preprocess_image(image, size)
     return pixels.flip(-1) if flipped else pixels
 
 
+def _pixel_batches(
+    batches: list[list[tuple]], pool: ThreadPoolExecutor
+) -> Iterator[tuple[list, torch.Tensor]]:
+    """Each batch with its pixels; the next batch is decoded on `pool` while this one is encoded."""
+    upcoming = [pool.submit(_load_pixels, job) for job in batches[0]]
+    for n, batch in enumerate(batches):
+        current = upcoming
+        upcoming = [pool.submit(_load_pixels, job) for job in batches[n + 1]] if n + 1 < len(batches) else []
+        yield batch, torch.stack([future.result() for future in current])
+
+
 @torch.inference_mode()
-def _encode_image_batch(batch, vae, resolution: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    pixels = torch.stack(
-        [_load_pixels(image_id, path, resolution, flip) for _, image_id, path, flip in batch]
-    )
+def _encode_image_batch(
+    batch, pixels: torch.Tensor, vae, device: torch.device, dtype: torch.dtype
+) -> list[dict]:
     dist = vae.encode(pixels.to(device, dtype)).latent_dist
-    means, stds = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+    means, stds = dist.mean.cpu(), dist.std.cpu()
     rows = []
-    for (key, image_id, _, flipped), mean, std in zip(batch, means, stds, strict=True):
+    for (key, image_id, _, flipped, _), mean, std in zip(batch, means, stds, strict=True):
         channels, height, width = mean.shape
         rows.append(
             {
                 "key": key, "image_id": image_id, "flipped": flipped, "channels": channels,
-                "height": height, "width": width, "dtype": STORED_DTYPE,
-                "mean": contracts.array_to_bytes(mean.astype(STORED_DTYPE)),
-                "std": contracts.array_to_bytes(std.astype(STORED_DTYPE)),
+                "height": height, "width": width, "dtype": dtype_name(mean.dtype),
+                "mean": tensor_bytes(mean), "std": tensor_bytes(std),
             }
         )  # fmt: skip
     return rows
@@ -258,7 +359,7 @@ def _encode_image_batch(batch, vae, resolution: int, device: torch.device, dtype
 
 def load_latent_dist(cache_dir: Path, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each [N, channels, height, width] float32, unscaled (training applies
-    vae.config.scaling_factor after sampling)."""
+    vae.config.scaling_factor after sampling). All rows must have one latent size."""
     table = ShardedCache(Path(cache_dir), contracts.LATENTS).read(keys)
     means, stds = [], []
     for row in table.to_pylist():
@@ -307,13 +408,18 @@ def build_train_set(
     text_keys: Sequence[str],
     latent_keys: Sequence[tuple[str, str | None]],
     run_dir: Path,
+    buckets: Sequence[str | None] | None = None,
 ) -> Path:
-    """Write <run_dir>/train_set.parquet: one row per training image, pointing into the caches."""
+    """Write <run_dir>/train_set.parquet: one row per training image, pointing into the caches;
+    `buckets` ("HxW" per row) when aspect-ratio buckets are on."""
+    buckets = buckets if buckets is not None else [None] * len(rows)
     table = pa.Table.from_pylist(
         [
             {"image_id": row["image_id"], "caption": row["caption"], "text_key": text_key,
-             "latent_key": plain, "flipped_latent_key": flipped}
-            for row, text_key, (plain, flipped) in zip(rows, text_keys, latent_keys, strict=True)
+             "latent_key": plain, "flipped_latent_key": flipped, "bucket": bucket}
+            for row, text_key, (plain, flipped), bucket in zip(
+                rows, text_keys, latent_keys, buckets, strict=True
+            )
         ],
         schema=contracts.TRAIN_SET,
     )  # fmt: skip
@@ -362,6 +468,56 @@ def build_prompt_set(prompts: Sequence[Mapping], text_keys: Sequence[str], run_d
     return contracts.write_table(table, contracts.PROMPT_SET, Path(run_dir) / "prompt_set.parquet")
 
 
+# --- The whole stage ------------------------------------------------------------------------------
+
+
+def embed_run(
+    rows: Sequence[Mapping], prompts: Sequence[Mapping], config: RunConfig, wd: WorkDir, run_dir: Path
+) -> dict:
+    """Cache every embedding and latent the run needs, then write the train set, the prompt set
+    and the training view. Building the view (and loading the prompts' embeddings) reads every
+    value training and evaluation will use and checks it against its shard's checksums; a shard
+    that fails is set aside, and its rows are computed again once."""
+    device, dtype = model_loading.pick_device(config.device), model_loading.DTYPES[config.dtype]
+    text_cache = ShardedCache(wd.text_cache, contracts.TEXT_EMBEDDINGS)
+    latent_cache = ShardedCache(wd.latent_cache, contracts.LATENTS)
+    # One encoder load for all texts: the unconditional one, captions and styled prompts.
+    texts = [EMPTY_TEXT, *(row["caption"] for row in rows), *(p["styled_prompt"] for p in prompts)]
+    buckets = [bucket_name(image_size(row, config.embed)) if config.embed.buckets else None for row in rows]
+    computed_texts, computed_latents = set(), set()
+    for attempt in (1, 2):
+        texts_before, latents_before = text_cache.keys(), latent_cache.keys()
+        text_keys = embed_texts(texts, config.models, config.embed, wd.text_cache, device, dtype)
+        latent_keys = embed_images(rows, config.models, config.embed, wd.latent_cache, device, dtype)
+        computed_texts |= set(text_keys) - texts_before
+        computed_latents |= {k for pair in latent_keys for k in pair if k} - latents_before
+        key_of = dict(zip(texts, text_keys, strict=True))
+        train_set = build_train_set(rows, [key_of[r["caption"]] for r in rows], latent_keys, run_dir, buckets)
+        prompt_keys = [key_of[p["styled_prompt"]] for p in prompts]
+        prompt_set = build_prompt_set(prompts, prompt_keys, run_dir)
+        try:
+            max_length = config.embed.max_length
+            view = build_train_view(
+                train_set, wd.text_cache, wd.latent_cache, max_length, run_dir / "train_view"
+            )
+            load_text_embeddings(wd.text_cache, [key_of[EMPTY_TEXT], *prompt_keys], max_length)
+            break
+        except KeyError as exc:
+            if attempt == 2:
+                raise
+            log.warning("embed: %s (a shard failed its checks); computing the missing rows again", exc)
+    return {
+        "train_set": str(train_set),
+        "prompt_set": str(prompt_set),
+        "train_view": str(view),
+        "empty_text_key": key_of[EMPTY_TEXT],
+        "text_cache": str(wd.text_cache),
+        "latent_cache": str(wd.latent_cache),
+        "texts_computed": len(computed_texts),
+        "latents_computed": len(computed_latents),
+    }
+
+
 # --- Prefect task ----------------------------------------------------------------------------------
 
 
@@ -369,7 +525,6 @@ def build_prompt_set(prompts: Sequence[Mapping], text_keys: Sequence[str], run_d
 def embed_task(manifest_path: str, captions_path: str, config: RunConfig, workdir: str, run_dir: str) -> dict:
     logger = get_run_logger()
     wd = WorkDir(Path(workdir))
-    device, dtype = model_loading.pick_device(config.device), model_loading.DTYPES[config.dtype]
     manifest = contracts.read_table(Path(manifest_path), contracts.MANIFEST)
     captions = contracts.read_table(Path(captions_path), contracts.CAPTIONS)
     rows = [
@@ -377,30 +532,11 @@ def embed_task(manifest_path: str, captions_path: str, config: RunConfig, workdi
         for row in training_rows(captions, manifest, source=captions_path)
     ]
     prompts = read_prompts(resolve_prompts_file(config.evaluate.prompts_file), config.evaluate.style_template)
-
-    # One encoder load for all texts: the unconditional one, captions and styled prompts.
-    texts = [EMPTY_TEXT, *(row["caption"] for row in rows), *(p["styled_prompt"] for p in prompts)]
-    # What the caches held before, so the summary can say how much this run computed.
-    texts_before = ShardedCache(wd.text_cache, contracts.TEXT_EMBEDDINGS).keys()
-    latents_before = ShardedCache(wd.latent_cache, contracts.LATENTS).keys()
-    text_keys = embed_texts(texts, config.models, config.embed, wd.text_cache, device, dtype)
-    latent_keys = embed_images(rows, config.models, config.embed, wd.latent_cache, device, dtype)
-
-    key_of = dict(zip(texts, text_keys, strict=True))
-    train_set = build_train_set(rows, [key_of[row["caption"]] for row in rows], latent_keys, Path(run_dir))
-    prompt_set = build_prompt_set(prompts, [key_of[p["styled_prompt"]] for p in prompts], Path(run_dir))
-    texts_computed = len(set(text_keys) - texts_before)
-    latents_computed = len({k for pair in latent_keys for k in pair if k} - latents_before)
+    result = embed_run(rows, prompts, config, wd, Path(run_dir))
     logger.info(
-        "embed: %d train images (%d flagged captions left out), %d prompts; computed %d texts, %d latents",
-        len(rows), captions.num_rows - len(rows), len(prompts), texts_computed, latents_computed,
+        "embed: %d train images (%d flagged captions left out), %d prompts; computed %d texts, %d latents; "
+        "training view %s",
+        len(rows), captions.num_rows - len(rows), len(prompts), result["texts_computed"],
+        result["latents_computed"], result["train_view"],
     )  # fmt: skip
-    return {
-        "train_set": str(train_set),
-        "prompt_set": str(prompt_set),
-        "empty_text_key": key_of[EMPTY_TEXT],
-        "text_cache": str(wd.text_cache),
-        "latent_cache": str(wd.latent_cache),
-        "texts_computed": texts_computed,
-        "latents_computed": latents_computed,
-    }
+    return result

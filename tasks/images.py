@@ -20,46 +20,51 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """The image at `path` as RGB, upright, first frame; ValueError naming the file if unusable."""
+def load_rgb(path: str | Path, name: str | None = None) -> Image.Image:
+    """The image at `path` as RGB, upright, first frame; ValueError naming the file if unusable.
+
+    `name` is how the message refers to the file (default: its path), e.g. its path in the dataset
+    when `path` is a temporary copy.
+    """
     path = Path(path)
+    label = name or str(path)
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise _bomb(path, exc) from None
+        raise _bomb(label, exc) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise _unreadable(path, exc) from None
+        raise _unreadable(label, exc) from None
     with image:
-        _check_size(image, path)
+        _check_size(image, label)
         try:
             image.seek(0)  # animations: the first frame is what thumbnails and viewers show
             rgb = _to_rgb(ImageOps.exif_transpose(image))
             rgb.load()  # decode now, so a truncated file fails here and not in a later stage
         except Image.DecompressionBombError as exc:
-            raise _bomb(path, exc) from None
+            raise _bomb(label, exc) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise _unreadable(path, exc) from None
+            raise _unreadable(label, exc) from None
     return rgb
 
 
-def _bomb(path: Path, reason: object) -> ValueError:
-    return ValueError(f"{path}: refusing a possible decompression bomb ({reason})")
+def _bomb(label: str, reason: object) -> ValueError:
+    return ValueError(f"{label}: refusing a possible decompression bomb ({reason})")
 
 
-def _unreadable(path: Path, exc: Exception) -> ValueError:
-    return ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})")
+def _unreadable(label: str, exc: Exception) -> ValueError:
+    return ValueError(f"{label}: not a readable image ({type(exc).__name__}: {exc})")
 
 
-def _check_size(image: Image.Image, path: Path) -> None:
+def _check_size(image: Image.Image, label: str) -> None:
     """Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse the whole range."""
     limit = Image.MAX_IMAGE_PIXELS
     width, height = image.size
     if limit is not None and width * height > limit:
         raise _bomb(
-            path, f"{width}x{height} = {width * height} pixels > PIL.Image.MAX_IMAGE_PIXELS = {limit}"
+            label, f"{width}x{height} = {width * height} pixels > PIL.Image.MAX_IMAGE_PIXELS = {limit}"
         )
     if width < 1 or height < 1:
-        raise ValueError(f"{path}: image has no pixels ({width}x{height})")
+        raise ValueError(f"{label}: image has no pixels ({width}x{height})")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -42,6 +42,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from configs import ModelsConfig
+from tasks.model_loading import load_transformer
 
 ADAPTER_NAME = "style"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -112,8 +113,9 @@ def apply_lora(pipeline_or_transformer: torch.nn.Module, adapter_dir: str | Path
     """Inject the adapter in `adapter_dir` into a PixArtAlphaPipeline's transformer (or a bare
     PixArtTransformer2DModel), in place, at `scale`; returns the same pipeline/transformer.
 
-    LoRA weights keep their own dtype (fp32) and peft casts around them, so scale 0.0 adds an exact
-    zero: outputs are bit-identical to the base model's. Apply once per model; reload to change adapters.
+    peft adds `scale * alpha / r * B(A(x))` to each target layer's output, so scale 0.0 adds an
+    exact zero: outputs are bit-identical to the base model's. The LoRA weights take the model's
+    dtype. Apply once per model; load a fresh one to change adapters.
     """
     adapter_dir = Path(adapter_dir)
     for name in (PEFT_WEIGHTS, PEFT_CONFIG):
@@ -144,8 +146,6 @@ def apply_lora(pipeline_or_transformer: torch.nn.Module, adapter_dir: str | Path
 def merge_and_save(adapter_dir: str | Path, models: ModelsConfig, out_dir: str | Path) -> Path:
     """Fuse the adapter into a float32 copy of the base transformer and save it with
     `save_pretrained` (safetensors): loadable as `PixArtTransformer2DModel.from_pretrained(out_dir)`."""
-    from tasks.model_loading import load_transformer
-
     base = load_transformer(models, torch.float32, torch.device("cpu"))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with atomic_dir(Path(out_dir)) as tmp:

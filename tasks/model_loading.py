@@ -45,19 +45,28 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def _pixart_pinned(models: ModelsConfig) -> dict:
+    """from_pretrained's `revision` argument when models.pixart_revision pins one."""
+    return {"revision": models.pixart_revision} if models.pixart_revision else {}
+
+
 def _text_encoder_source(models: ModelsConfig) -> tuple[str, dict, dict]:
     """(path, encoder kwargs, tokenizer kwargs): the PixArt repo's subfolders unless overridden."""
     if models.text_encoder:
-        return resolve_model(models.text_encoder), {}, {}
-    return resolve_model(models.pixart), {"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}
+        pinned = {"revision": models.text_encoder_revision} if models.text_encoder_revision else {}
+        return resolve_model(models.text_encoder), pinned, dict(pinned)
+    pinned = _pixart_pinned(models)
+    path = resolve_model(models.pixart)
+    return path, {"subfolder": "text_encoder", **pinned}, {"subfolder": "tokenizer", **pinned}
 
 
 def load_transformer(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     from diffusers import PixArtTransformer2DModel
 
     model = PixArtTransformer2DModel.from_pretrained(
-        resolve_model(models.pixart), subfolder="transformer", torch_dtype=dtype, use_safetensors=True
-    )
+        resolve_model(models.pixart), subfolder="transformer", torch_dtype=dtype, use_safetensors=True,
+        **_pixart_pinned(models),
+    )  # fmt: skip
     return model.to(device)
 
 
@@ -65,8 +74,9 @@ def load_vae(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(
-        resolve_model(models.pixart), subfolder="vae", torch_dtype=dtype, use_safetensors=True
-    )
+        resolve_model(models.pixart), subfolder="vae", torch_dtype=dtype, use_safetensors=True,
+        **_pixart_pinned(models),
+    )  # fmt: skip
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -93,25 +103,67 @@ def load_noise_scheduler(models: ModelsConfig, kind: str):
 
     classes = {"ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}
     scheduler_class = classes[kind]
-    config = scheduler_class.load_config(resolve_model(models.pixart), subfolder="scheduler")
+    path = resolve_model(models.pixart)
+    config = scheduler_class.load_config(path, subfolder="scheduler", **_pixart_pinned(models))
     if kind == "ddim":
         # Clipping keeps a weak (tiny, random) model's last steps from blowing up the sample.
         return scheduler_class.from_config(config, clip_sample=True, set_alpha_to_one=True)
     return scheduler_class.from_config(config)
 
 
-def load_captioner(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
-    """(LlavaForConditionalGeneration, processor) ready for batched, left-padded generation."""
+# Quantizing only the language model: it is ~95% of LLaVA's weights, while the CLIP tower and
+# projector are small and lose most from 4-bit. lm_head stays unquantized, as transformers does by default.
+CAPTIONER_UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def captioner_quantization(quantization: str, dtype: torch.dtype):
+    """The BitsAndBytesConfig for recaption.quantization ('8bit' or '4bit'), or None for 'none'."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=CAPTIONER_UNQUANTIZED)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=CAPTIONER_UNQUANTIZED,
+        )  # fmt: skip
+    raise ValueError(f"unknown quantization {quantization!r}; use 'none', '8bit' or '4bit'")
+
+
+def load_captioner(
+    models: ModelsConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str = "none",
+    revision: str | None = None,
+):
+    """(LlavaForConditionalGeneration, processor) ready for batched, left-padded generation.
+
+    `revision` pins a hub branch, tag or commit; `quantization` '8bit'/'4bit' needs CUDA.
+    """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = resolve_model(models.llava)
-    processor = AutoProcessor.from_pretrained(path)
+    pinned = {"revision": revision} if revision else {}
+    quantization_config = captioner_quantization(quantization, dtype)
+    if quantization_config is not None and device.type != "cuda":
+        raise ValueError(f"recaption.quantization={quantization!r} needs a CUDA device (bitsandbytes), not {device}")
+    processor = AutoProcessor.from_pretrained(path, **pinned)
     processor.tokenizer.padding_side = "left"  # generation continues from the right edge
     attention = "sdpa" if device.type == "cuda" else None
+    if quantization_config is None:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, attn_implementation=attention, **pinned
+        )
+        return model.to(device).eval().requires_grad_(False), processor
+    # bitsandbytes places the weights while loading; a quantized model cannot be moved after.
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, attn_implementation=attention
-    )
-    return model.to(device).eval().requires_grad_(False), processor
+        path, dtype=dtype, use_safetensors=True, attn_implementation=attention, **pinned,
+        quantization_config=quantization_config, device_map={"": device.index or 0},
+    )  # fmt: skip
+    return model.eval().requires_grad_(False), processor
 
 
 def release() -> None:

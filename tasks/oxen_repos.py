@@ -1,4 +1,4 @@
-"""Oxen repositories: read a dataset at a revision, commit a run's results to a branch.
+"""Oxen repositories: read a dataset at a revision, commit a run's results or a dataset's captions to a branch.
 
 A repo is a local folder or `namespace/name` on an Oxen host (config.OxenRepoConfig). Oxen lets
 only one process open a local repo at a time, so every local operation holds an exclusive lock
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import oxen
@@ -146,18 +149,21 @@ class LocalRevision:
 class RemoteRevision:
     """Files of a repo on an Oxen host at one revision, downloaded on demand."""
 
-    def __init__(self, cfg: OxenRepoConfig, revision: str):
+    def __init__(self, cfg: OxenRepoConfig, revision: str, token: str | None = None):
         self.label = describe(cfg)
         self.revision = revision
-        self.remote = call_remote(lambda: oxen.RemoteRepo(cfg.repo, host=cfg.host, scheme=cfg.scheme), self.label)
-        branch = call_remote(lambda: self.remote.get_branch(revision) if self.remote.branch_exists(revision) else None,
-                              self.label)  # fmt: skip
-        self.commit_id = branch.commit_id if branch is not None else revision
+        self.remote = connect(cfg, token)
+        self.commit_id = call_remote(lambda: _resolve_commit(self.remote, revision), self.label)
+        if self.commit_id is None:
+            raise OxenError(f"{self.label}: revision {revision!r} does not exist")
         self._tmp = Path(tempfile.mkdtemp(prefix="oxen-download-"))
 
     def read_bytes(self, rel_path: str) -> bytes:
         dest = self._tmp / "file"
-        call_remote(lambda: self.remote.download(rel_path, str(dest), revision=self.commit_id), self.label)
+        try:
+            call_remote(lambda: self.remote.download(rel_path, str(dest), revision=self.commit_id), self.label)
+        except RemoteNotFound:
+            raise FileNotFoundError(f"{rel_path}: not in {self.label} at {self.revision}") from None
         data = dest.read_bytes()
         dest.unlink()
         return data
@@ -166,24 +172,110 @@ class RemoteRevision:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def _resolve_commit(remote: oxen.RemoteRepo, revision: str) -> str | None:
+    """The commit a branch name or commit id names, or None when the host knows neither."""
+    if remote.branch_exists(revision):
+        return remote.get_branch(revision).commit_id
+    try:
+        commits = remote.log(revision=revision, page_size=1).commits
+    except Exception as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+    return commits[0].id if commits else None
+
+
+# --- Remote hosts: connection, token, retries -----------------------------------------------------
+
+TOKEN_ENV = "OXEN_API_KEY"
+_auth_dir: Path | None = None  # private Oxen config dir holding the tokens we were given
+_tokens: dict[str, str] = {}  # host -> token written there
+_client_tokens: dict[str, str] | None = None  # what the client saw at its first remote call
+
+
+class RemoteNotFound(OxenError):
+    """The host answered that the repo, revision or file does not exist (not worth retrying)."""
+
+
+def use_token(host: str, token: str | None) -> None:
+    """Have the Oxen client send `token` (else $OXEN_API_KEY) to `host`.
+
+    The token goes into an auth_config.toml in a private temp dir (mode 0700) that OXEN_CONFIG_DIR
+    points at; the user's own Oxen config is copied in first, so their user and other hosts' tokens
+    stay in effect and their files are never touched. With no token at all, nothing changes.
+    The client reads its auth config once per process, at its first remote call, so every host's
+    token has to be given before then; a later, different token is refused with a clear error.
+    """
+    global _auth_dir
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is None or _tokens.get(host) == token:
+        return
+    if _client_tokens is not None and _client_tokens.get(host) != token:
+        raise OxenError(
+            f"{host}: its token was given after this process's first Oxen remote call; the client "
+            "reads tokens once per process, so configure every host before any remote call"
+        )
+    if _auth_dir is None:
+        _auth_dir = Path(tempfile.mkdtemp(prefix="pixart-oxen-config-"))
+        for name in ("user_config.toml", "auth_config.toml"):
+            existing = Path(oxen.util.get_oxen_config_dir()) / name
+            if existing.is_file():
+                shutil.copyfile(existing, _auth_dir / name)
+        os.environ["OXEN_CONFIG_DIR"] = str(_auth_dir)
+    # The binding itself: oxen.auth.config_auth also calls hub.oxen.ai/api/authorize for that host.
+    oxen.oxen_py.auth.config_auth(host, token, str(_auth_dir / "auth_config.toml"))
+    os.chmod(_auth_dir / "auth_config.toml", 0o600)
+    _tokens[host] = token
+
+
+def connect(cfg: OxenRepoConfig, token: str | None = None) -> oxen.RemoteRepo:
+    """The RemoteRepo of `cfg` with its token in place; fails naming host and repo if it is missing."""
+    label = describe(cfg)
+    use_token(cfg.host, token)
+    ensure_user()  # workspace commits carry the local Oxen user
+    remote = call_remote(lambda: oxen.RemoteRepo(cfg.repo, host=cfg.host, scheme=cfg.scheme), label)
+    if not call_remote(remote.exists, label):
+        raise OxenError(f"{label}: no such repository on {cfg.host}")
+    return remote
+
+
+def _status(exc: Exception) -> int | None:
+    """The HTTP status in one of the client's error messages ('status: 500', '[404 Not Found]')."""
+    match = re.search(r"(?:status: |\[)([1-5]\d\d)\b", str(exc))
+    return int(match[1]) if match else None
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return _status(exc) == 404 or "does not exist" in str(exc)
+
+
 def call_remote(fn, label: str, attempts: int = 4, first_delay_s: float = 0.5):
-    """Retry a remote Oxen call with exponential backoff, then fail naming the host and repo."""
+    """Call the Oxen client, retrying network faults and server errors with exponential backoff,
+    then fail naming the host and repo. 'Not found' and 'not allowed' answers fail at once."""
+    global _client_tokens
+    if _client_tokens is None:
+        _client_tokens = dict(_tokens)
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as exc:  # the client raises plain ValueError/OSError for network faults
+        except Exception as exc:  # the client raises ValueError or plain Exception for every failure
+            if _is_not_found(exc):
+                raise RemoteNotFound(f"{label}: {exc}") from None
+            if _status(exc) in (401, 403) or "Authentication failed" in str(exc):
+                raise OxenError(f"{label}: the host refused our credentials (see {TOKEN_ENV}): {exc}") from None
             if attempt == attempts:
                 raise OxenError(f"{label}: unreachable or failing after {attempts} attempts: {exc}") from None
-            time.sleep(delay)
-            delay *= 2
+        time.sleep(delay)
+        delay *= 2
 
 
 @contextlib.contextmanager
-def open_revision(cfg: OxenRepoConfig, revision: str, repo_path: Path | None = None):
-    """Yield a reader with `.commit_id` and `.read_bytes(path)` for a repo at a revision."""
+def open_revision(cfg: OxenRepoConfig, revision: str, repo_path: Path | None = None, token: str | None = None):
+    """Yield a reader with `.commit_id` and `.read_bytes(path)` for a repo at a revision
+    (`token` for a remote host; default $OXEN_API_KEY)."""
     if cfg.is_remote:
-        reader = RemoteRevision(cfg, revision)
+        reader = RemoteRevision(cfg, revision, token)
         try:
             yield reader
         finally:
@@ -232,5 +324,82 @@ def commit_to_branch(repo_path: Path, branch: str, files: dict[str, Path], messa
             for top in sorted({Path(name).parts[0] for name in files}):
                 repo.add(str(repo_path / top))
             return repo.commit(message).id
+        finally:
+            repo.checkout(original)
+
+
+# --- Updating a branch of a dataset repo (the captions branch) -----------------------------------
+
+
+@dataclass(frozen=True)
+class BranchUpdate:
+    commit_id: str  # the branch head after the update
+    committed: bool  # False when the branch already held these files: nothing was written
+    created: bool  # the branch was created by this update
+
+
+def _uncommitted(repo: oxen.Repo) -> list[str]:
+    status = repo.status()
+    return (
+        status.added_files() + status.modified_files() + status.removed_files()
+        + status.unstaged_modified_files() + status.unstaged_removed_files()
+    )  # fmt: skip
+
+
+def _same_bytes(target: Path, source: Path) -> bool:
+    if not target.is_file() or target.stat().st_size != source.stat().st_size:
+        return False
+    return hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
+
+
+def _create_branch_at(repo: oxen.Repo, repo_path: Path, branch: str, commit_id: str) -> None:
+    """Create `branch` at `commit_id` and check it out.
+
+    oxen 0.65's Python `checkout(<commit id>)` does detach HEAD at the commit, but it also leaves a
+    ref named after the commit and then raises "Branch '<id>' not found". We accept exactly that,
+    check where HEAD is, branch from there and delete the stray ref.
+    """
+    try:
+        repo.checkout(commit_id)
+    except ValueError as exc:
+        if f"Branch '{commit_id}' not found" not in str(exc):
+            raise OxenError(f"{repo_path}: cannot check out commit {commit_id}: {exc}") from None
+    if repo.log()[0].id != commit_id:
+        raise OxenError(f"{repo_path}: commit {commit_id} not found")
+    repo.checkout(branch, create=True)
+    if repo.branch_exists(commit_id):
+        repo.branch(commit_id, delete=True)
+
+
+def update_branch(repo_path: Path, branch: str, base_commit: str, files: dict[str, Path], message: str) -> BranchUpdate:
+    """Give the paths in `files` (repo-relative name -> local file) those contents on `branch`, in one commit.
+
+    A missing branch is created at `base_commit`. Only files whose bytes differ are copied in; when
+    none differ nothing is committed, so the same update twice makes one commit. Paths not named
+    stay as they are. The repo must have no uncommitted changes, and its working tree goes back to
+    the branch it was on.
+    """
+    ensure_user()
+    with repo_lock(repo_path):
+        repo = _open_local(repo_path)
+        changed = _uncommitted(repo)
+        if changed:
+            raise OxenError(f"{repo_path}: has uncommitted changes ({changed[:3]}...); commit them first")
+        original = repo.current_branch.name
+        try:
+            created = not repo.branch_exists(branch)
+            if created:
+                _create_branch_at(repo, repo_path, branch, base_commit)
+            else:
+                repo.checkout(branch)
+            differing = [name for name, source in sorted(files.items()) if not _same_bytes(repo_path / name, source)]
+            if not differing:
+                return BranchUpdate(repo.log()[0].id, committed=False, created=created)
+            for name in differing:
+                target = repo_path / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(files[name], target)
+                repo.add(str(target))
+            return BranchUpdate(repo.commit(message).id, committed=True, created=created)
         finally:
             repo.checkout(original)

@@ -81,8 +81,11 @@ def safe_relative_path(file_name: object) -> str:
     return str(path)
 
 
-def store_image(data: bytes, suffix: str, images_dir: Path) -> tuple[str, Path, int, int]:
-    """Copy an image into the content-addressed store after checking that it decodes."""
+def store_image(data: bytes, suffix: str, images_dir: Path, name: str | None = None) -> tuple[str, Path, int, int]:
+    """Copy an image into the content-addressed store after checking that it decodes.
+
+    `name` (the image's path in the dataset) is what an error message calls it.
+    """
     image_id = hashlib.sha256(data).hexdigest()
     target = images_dir / f"{image_id}{suffix.lower()}"
     if not target.exists():
@@ -90,13 +93,13 @@ def store_image(data: bytes, suffix: str, images_dir: Path) -> tuple[str, Path, 
         tmp = images_dir / f".{image_id}.{os.getpid()}.tmp{suffix.lower()}"
         tmp.write_bytes(data)
         try:
-            width, height = load_rgb(tmp).size
+            width, height = load_rgb(tmp, name=name).size
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, target)
     else:
-        width, height = load_rgb(target).size
+        width, height = load_rgb(target, name=name).size
     return image_id, target, width, height
 
 
@@ -155,7 +158,9 @@ def pull_dataset(cfg: DatasetConfig, workdir: WorkDir) -> PullResult:
             seen_names.add(rel_path)
             try:
                 data = revision.read_bytes(rel_path)
-                image_id, stored, width, height = store_image(data, PurePosixPath(rel_path).suffix, workdir.images)
+                image_id, stored, width, height = store_image(
+                    data, PurePosixPath(rel_path).suffix, workdir.images, name=rel_path
+                )
             except FileNotFoundError:
                 skip("image file is missing")
                 continue

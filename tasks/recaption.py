@@ -1,7 +1,7 @@
 """Re-caption stage: LLaVA rewrites each image's caption into a detailed description of its style.
 
-Generation is greedy, so a caption depends only on the image, the filled prompt, the model and
-the decoding settings; those make its cache key (`caption_key`). Only missing keys are generated,
+Generation is greedy, so a caption depends only on the image, the filled prompt, the model (id,
+revision, quantization) and the decoding settings; those make its cache key (`caption_key`). Only missing keys are generated,
 and when none are missing the captioner is never loaded. A caption that comes out empty or stuck
 in a loop is retried once with a repetition penalty; if it is still bad it is kept for review
 with flagged=True, and training uses the original caption for that image instead.
@@ -93,11 +93,20 @@ def is_degenerate(text: str) -> bool:
     return _CHAR_LOOP.search(text) is not None
 
 
-def caption_key(image_id: str, prompt: str, model_id: str, max_new_tokens: int, dtype: torch.dtype) -> str:
+def caption_key(
+    image_id: str,
+    prompt: str,
+    model_id: str,
+    max_new_tokens: int,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    quantization: str = "none",
+) -> str:
     """Everything a greedy caption depends on. Batch size is left out: batching does not change it."""
     return content_key(
-        stage="recaption", recipe=RECIPE_VERSION, image_id=image_id, model=model_id, prompt=prompt,
-        max_new_tokens=max_new_tokens, dtype=str(dtype), decoding=GREEDY, retry=RETRY,
+        stage="recaption", recipe=RECIPE_VERSION, image_id=image_id, model=model_id, revision=revision,
+        quantization=quantization, prompt=prompt, max_new_tokens=max_new_tokens, dtype=str(dtype),
+        decoding=GREEDY, retry=RETRY,
     )  # fmt: skip
 
 
@@ -154,7 +163,9 @@ def caption_images(
     prompts = [build_prompt(cfg.prompt_template, c) for c in manifest.column("original_caption").to_pylist()]
     image_ids = manifest.column("image_id").to_pylist()
     keys = [
-        caption_key(image_id, prompt, models.llava, cfg.max_new_tokens, dtype)
+        caption_key(
+            image_id, prompt, models.llava, cfg.max_new_tokens, dtype, cfg.model_revision, cfg.quantization
+        )
         for image_id, prompt in zip(image_ids, prompts, strict=True)
     ]
     cache = ShardedCache(cache_dir, CAPTION_CACHE)
@@ -178,7 +189,9 @@ def _generate_into_cache(
     dtype: torch.dtype,
     cache: ShardedCache,
 ) -> None:
-    model, processor = model_loading.load_captioner(models, dtype, device)
+    model, processor = model_loading.load_captioner(
+        models, dtype, device, quantization=cfg.quantization, revision=cfg.model_revision
+    )
     try:
         batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         pending: list[dict] = []

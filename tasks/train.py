@@ -110,9 +110,20 @@ class CachedTrainSet:
                 )
         return cls([r["image_id"] for r in rows], embeds, mask, mean, std, flipped)
 
+    def to(self, device: torch.device, embed_dtype: torch.dtype) -> CachedTrainSet:
+        """A copy held on `device`, so a step gathers its batch there instead of copying it from
+        the host. Embeddings take the model's dtype (the loss casts them to it anyway): half the
+        memory, same values."""
+        flipped = None if self.flipped is None else tuple(t.to(device) for t in self.flipped)
+        return CachedTrainSet(
+            self.image_ids, self.embeds.to(device, embed_dtype), self.mask.to(device),
+            self.mean.to(device), self.std.to(device), flipped,
+        )  # fmt: skip
+
     def batch(
         self, index: torch.Tensor, flip: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, ...]:
+        index, flip = index.to(self.mean.device), flip.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
         if self.flipped is not None:
             use = flip[:, None, None, None]
@@ -194,13 +205,30 @@ def lora_transformer(config: RunConfig, device: torch.device) -> torch.nn.Module
             param.data = param.data.float()  # optimizer state and updates in full precision
     if train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if train.compile:
+        compile_blocks(transformer)
     return transformer.train()
+
+
+def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each transformer block in place, LoRA layers included.
+
+    An eager step launches ~11k small kernels from Python and the GPU waits on the CPU; a
+    compiled block fuses its norms, modulation, LoRA casts and adds into a few kernels. All 28
+    blocks share one compiled graph (same code, parameters passed as inputs), so the first step
+    compiles once (about a minute) and later steps reuse it; gradient checkpointing wraps the
+    compiled block unchanged.
+    """
+    for block in transformer.transformer_blocks:
+        block.compile(backend=backend, dynamic=False)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
     kwargs = {"lr": train.learning_rate, "weight_decay": train.weight_decay, "eps": train.adam_epsilon}
     if not train.use_8bit_adam:
-        return torch.optim.AdamW(params, **kwargs)
+        # On the GPU one fused kernel updates every LoRA tensor (~600 of them) at once.
+        fused = all(p.is_cuda for p in params) or None
+        return torch.optim.AdamW(params, fused=fused, **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -331,6 +359,8 @@ def train_lora(
     data = CachedTrainSet.load(train_set_path, text_cache, latent_cache, config.embed.max_length)
     transformer = lora_transformer(config, accelerator.device)
     _check_fits(transformer, data, train_set_path)
+    if accelerator.device.type == "cuda":
+        data = data.to(accelerator.device, DTYPES[config.dtype])
     params = [p for p in transformer.parameters() if p.requires_grad]  # a list: clipping reuses it
     noise_scheduler = load_noise_scheduler(config.models, "ddpm")
     if noise_scheduler.config.prediction_type != "epsilon":
@@ -525,6 +555,7 @@ def train_task(
         "final_loss": result.final_loss,
         "output_dir": str(output_dir),
         "resumed_from": result.resumed_from,
+        "cached": cached,
     }
 
 

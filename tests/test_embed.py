@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import multiprocessing
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,9 @@ from prefect.logging import disable_run_logger
 
 from configs import CONFIG_DIR, EmbedConfig, ModelsConfig, load_config
 from tasks import contracts, embed, model_loading
+from tasks.buckets import bucket_table, ratio_tolerance
+from tasks.cache import ShardedCache
+from tasks.cached_dataset import CachedTrainView
 from tasks.embed import (
     build_prompt_set,
     build_train_set,
@@ -29,17 +35,16 @@ from tasks.embed import (
 )
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
-CPU, F32 = torch.device("cpu"), torch.float32
+CPU, F32, BF16 = torch.device("cpu"), torch.float32, torch.bfloat16
 MODELS = ModelsConfig(pixart="tiny:pixart")
 LONG = " ".join(["a red circle with a thick black outline on a cream background"] * 20)  # > 120 tokens
 TEXTS = ["", "a teal star", "flat mustard heart outlined in black", LONG, "a teal star"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _embed_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PIXART_PIPELINE_HOME", str(tmp_path_factory.mktemp("home")))
-        yield
+def _embed_models(tiny_models):
+    """Tiny models built once per session (conftest), before any test or worker process needs them."""
+    return tiny_models
 
 
 def _demo_rows(n: int) -> list[dict]:
@@ -102,16 +107,84 @@ def test_second_run_computes_nothing_and_loads_no_model(tmp_path, monkeypatch):
     assert sorted(tmp_path.rglob("*.parquet")) == shards
 
 
-def test_corrupted_shard_is_detected_and_recomputed(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_corrupted_shard_is_detected_and_recomputed(tmp_path, damage):
     keys = embed_texts(TEXTS[:3], MODELS, EmbedConfig(), tmp_path, CPU, F32)
     before, _ = load_text_embeddings(tmp_path, keys, 120)
     (shard,) = tmp_path.glob("shard-*.parquet")
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    data = shard.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # one bit inside a stored embedding: the file still parses, with the same row count
+        value = contracts.read_table(shard, contracts.TEXT_EMBEDDINGS).column("embedding")[0].as_py()
+        at = data.index(value) + len(value) // 2
+        data = data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+    shard.write_bytes(data)
+    with pytest.raises(contracts.ContractError, match="checksum" if damage == "bit flip" else "unreadable"):
+        contracts.read_table(shard, contracts.TEXT_EMBEDDINGS)
 
-    assert embed_texts(TEXTS[:3], MODELS, EmbedConfig(), tmp_path, CPU, F32) == keys
-    assert shard.with_suffix(".corrupt").exists()
+    with pytest.raises(KeyError, match="not cached"):
+        load_text_embeddings(tmp_path, keys, 120)  # reading sets the shard aside...
+    assert shard.with_suffix(".corrupt").exists() and not shard.exists()
+    assert (
+        embed_texts(TEXTS[:3], MODELS, EmbedConfig(), tmp_path, CPU, F32) == keys
+    )  # ...and it is recomputed
     after, _ = load_text_embeddings(tmp_path, keys, 120)
     torch.testing.assert_close(after, before)
+
+
+def test_bfloat16_values_are_stored_as_computed(tmp_path):
+    cfg = EmbedConfig(resolution=64, max_shard_mb=1)
+    keys = embed_texts(TEXTS[:3], MODELS, cfg, tmp_path / "text", CPU, BF16)
+    table = ShardedCache(tmp_path / "text", contracts.TEXT_EMBEDDINGS).read(keys)
+    assert set(table.column("dtype").to_pylist()) == {"bfloat16"}
+    lengths, dims = table.column("length").to_pylist(), table.column("dim").to_pylist()
+    assert [len(b) for b in table.column("embedding").to_pylist()] == [
+        2 * n * d for n, d in zip(lengths, dims)
+    ]
+    embeds, mask = load_text_embeddings(tmp_path / "text", keys, 120)
+    assert torch.equal(embeds, embeds.bfloat16().float())  # widened from bfloat16, exactly
+    tokenizer, encoder = model_loading.load_text_encoder(MODELS, BF16, CPU)
+    for i, text in enumerate(TEXTS[:3]):
+        tokens = tokenizer(text, truncation=True, max_length=120, return_tensors="pt")
+        with torch.no_grad():
+            fresh = encoder(**tokens).last_hidden_state[0].float()
+        torch.testing.assert_close(embeds[i, : mask[i].sum()], fresh, atol=0.02, rtol=0.02)
+
+    rows = _demo_rows(2)
+    pairs = embed_images(rows, MODELS, cfg, tmp_path / "latents", CPU, BF16)
+    table = ShardedCache(tmp_path / "latents", contracts.LATENTS).read([p for p, _ in pairs])
+    assert set(table.column("dtype").to_pylist()) == {"bfloat16"}
+    mean, std = load_latent_dist(tmp_path / "latents", [p for p, _ in pairs])
+    vae = model_loading.load_vae(MODELS, BF16, CPU)
+    pixels = torch.stack([preprocess_image(embed.load_rgb(r["image_path"]), 64) for r in rows])
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(BF16)).latent_dist
+    assert torch.equal(mean, dist.mean.float()) and torch.equal(
+        std, dist.std.float()
+    )  # same batch, same bits
+
+
+def test_models_are_released_when_embedding_returns(tmp_path, monkeypatch):
+    """The GPU twin of this check (allocated memory back to baseline) runs in the GPU benchmark."""
+    refs = []
+    real_text_encoder, real_vae = model_loading.load_text_encoder, model_loading.load_vae
+
+    def text_encoder(*args, **kwargs):
+        tokenizer, model = real_text_encoder(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return tokenizer, model
+
+    def vae(*args, **kwargs):
+        model = real_vae(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(model_loading, "load_text_encoder", text_encoder)
+    monkeypatch.setattr(model_loading, "load_vae", vae)
+    embed_texts(["a teal star"], MODELS, EmbedConfig(), tmp_path / "text", CPU, F32)
+    embed_images(_demo_rows(1), MODELS, EmbedConfig(resolution=64), tmp_path / "latents", CPU, F32)
+    assert len(refs) == 2 and [ref() for ref in refs] == [None, None]
 
 
 def test_failed_run_keeps_finished_batches(tmp_path, monkeypatch):
@@ -173,6 +246,77 @@ def test_latents_match_vae_and_flip_gives_different_latents(tmp_path):
 
     unflipped = embed_images(rows, MODELS, EmbedConfig(resolution=64), tmp_path, CPU, F32)
     assert unflipped == [(p, None) for p in plain]  # same plain keys: no flip means a subset
+
+
+def _odd_sized_images(folder: Path) -> list[dict]:
+    """Noise images from 1:4 to 4:1 (width x height below), as manifest rows."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for width, height in [(160, 40), (100, 70), (64, 64), (60, 90), (36, 128), (50, 120)]:
+        path = folder / f"{width}x{height}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+        rows.append({"image_id": image_id, "image_path": str(path), "width": width, "height": height})
+    return rows
+
+
+def test_bucketed_latents_keep_each_images_aspect_ratio(tmp_path):
+    rows = _odd_sized_images(tmp_path)
+    cfg = EmbedConfig(resolution=64, buckets=True, flip=True, batch_size=2)
+    pairs = embed_images(rows, MODELS, cfg, tmp_path / "latents", CPU, F32)
+    table, tolerance = bucket_table(64), ratio_tolerance(bucket_table(64))
+    vae = model_loading.load_vae(MODELS, F32, CPU)
+    for row, (plain, flipped) in zip(rows, pairs, strict=True):
+        mean, _ = load_latent_dist(tmp_path / "latents", [plain])
+        height, width = mean.shape[2] * 8, mean.shape[3] * 8
+        assert (height, width) in table and (height, width) == embed.image_size(row, cfg)
+        error = abs(math.log(height / width) - math.log(row["height"] / row["width"]))
+        assert error <= tolerance + 1e-9, f"{row['width']}x{row['height']} -> bucket {height}x{width}"
+        assert error == min(abs(math.log(h / w) - math.log(row["height"] / row["width"])) for h, w in table)
+        flip_mean, _ = load_latent_dist(tmp_path / "latents", [flipped])
+        assert flip_mean.shape == mean.shape
+        pixels = preprocess_image(embed.load_rgb(row["image_path"]), (height, width))[None]
+        with torch.no_grad():
+            torch.testing.assert_close(mean, vae.encode(pixels).latent_dist.mean)
+    square = EmbedConfig(resolution=64)  # a square image's bucket is the plain square crop: same latents
+    assert embed_images(rows[2:3], MODELS, square, tmp_path / "latents", CPU, F32)[0][0] == pairs[2][0]
+
+
+def _embed_in_another_process(
+    start, text_dir: str, latent_dir: str, texts: list[str], rows: list[dict]
+) -> None:
+    torch.set_num_threads(1)
+    start.wait()  # both look for missing keys at once, so both compute and write every shard
+    cfg = EmbedConfig(resolution=64, batch_size=1, flip=True)  # many small shards: many chances to collide
+    embed_texts(texts, MODELS, cfg, Path(text_dir), CPU, F32)
+    embed_images(rows, MODELS, cfg, Path(latent_dir), CPU, F32)
+
+
+def test_two_processes_embedding_into_one_cache(tmp_path, monkeypatch):
+    texts, rows = [f"a teal star number {i}" for i in range(10)], _demo_rows(3)
+    # fork: the workers start at once (spawn re-imports torch, transformers and prefect: ~20 s each
+    # on 2 cores). They run torch on one thread, as DataLoader workers do, which makes fork safe.
+    fork = multiprocessing.get_context("fork")
+    args = (fork.Barrier(2), str(tmp_path / "text"), str(tmp_path / "latents"), texts, rows)
+    workers = [fork.Process(target=_embed_in_another_process, args=args) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert not list(tmp_path.rglob("*.corrupt")) and not list(tmp_path.rglob("*.tmp"))
+
+    _forbid_model_loading(monkeypatch)  # every key is there and readable
+    cfg = EmbedConfig(resolution=64, flip=True)
+    keys = embed_texts(texts, MODELS, cfg, tmp_path / "text", CPU, F32)
+    pairs = embed_images(rows, MODELS, cfg, tmp_path / "latents", CPU, F32)
+    embeds, _ = load_text_embeddings(tmp_path / "text", keys, 120)
+    mean, _ = load_latent_dist(tmp_path / "latents", [p for p, _ in pairs])
+    monkeypatch.undo()  # values equal those of a run on its own
+    alone = embed_texts(texts, MODELS, cfg, tmp_path / "alone", CPU, F32)
+    torch.testing.assert_close(embeds, load_text_embeddings(tmp_path / "alone", alone, 120)[0])
+    alone = embed_images(rows, MODELS, cfg, tmp_path / "alone-latents", CPU, F32)
+    torch.testing.assert_close(mean, load_latent_dist(tmp_path / "alone-latents", [p for p, _ in alone])[0])
 
 
 # --- Train and prompt sets -------------------------------------------------------------------------
@@ -270,6 +414,13 @@ def test_embed_task_end_to_end_then_fully_cached(tmp_path, monkeypatch):
     assert mask.sum() == 1 and embeds[0, 0].any() and not embeds[0, 1:].any()
     mean, std = load_latent_dist(first["latent_cache"], train_set.column("flipped_latent_key").to_pylist())
     assert mean.shape == std.shape == (3, 4, 8, 8)
+    view = CachedTrainView(first["train_view"])  # the training view holds the same values
+    batch = view.batch([0, 1, 2], flip=[True, True, True])
+    assert torch.equal(batch["mean"], mean) and torch.equal(batch["std"], std)
+    captions, _ = load_text_embeddings(first["text_cache"], train_set.column("text_key").to_pylist(), 120)
+    assert (
+        torch.equal(batch["embeds"], captions) and view.image_ids == train_set.column("image_id").to_pylist()
+    )
 
     _forbid_model_loading(monkeypatch)
     with disable_run_logger():
@@ -277,3 +428,15 @@ def test_embed_task_end_to_end_then_fully_cached(tmp_path, monkeypatch):
     assert second["texts_computed"] == second["latents_computed"] == 0
     assert contracts.read_table(Path(second["train_set"]), contracts.TRAIN_SET).equals(train_set)
     assert json.dumps(second)  # small, serialisable record
+    monkeypatch.undo()
+
+    # A bit flipped in a latent shard: the view build notices, sets the shard aside, recomputes its rows.
+    shard = ShardedCache(first["latent_cache"], contracts.LATENTS).shards()[0]
+    value = contracts.read_table(shard, contracts.LATENTS).column("mean")[0].as_py()
+    data = bytearray(shard.read_bytes())
+    data[data.index(value) + 7] ^= 0x04
+    shard.write_bytes(bytes(data))
+    with disable_run_logger():
+        third = embed_task.fn(*args, str(tmp_path / "run3"))
+    assert third["latents_computed"] > 0 and shard.with_suffix(".corrupt").exists()
+    assert torch.equal(CachedTrainView(third["train_view"]).batch([0, 1, 2], [True] * 3)["mean"], mean)

@@ -146,7 +146,7 @@ def test_still_degenerate_is_flagged_and_original_caption_used(monkeypatch, tmp_
         calls.append(decoding)
         return ["star star star " * 5] * len(images)
 
-    monkeypatch.setattr(model_loading, "load_captioner", lambda *a: (object(), object()))
+    monkeypatch.setattr(model_loading, "load_captioner", lambda *a, **k: (object(), object()))
     monkeypatch.setattr(recaption, "generate_captions", looping)
     manifest = _manifest(0, 3)
     result = caption_images(manifest, RecaptionConfig(batch_size=2), MODELS, CPU, F32, tmp_path / "c")
@@ -248,3 +248,41 @@ def test_task_writes_captions_and_reports_counts(tiny_models, tmp_path):
     assert out["flagged"] == sum(table.column("flagged").to_pylist())
     assert (again["generated"], again["rows"]) == (0, 3)
     assert any((tmp_path / "work" / "cache" / "captions").glob("shard-*.parquet"))
+
+
+# ----------------------------------------------------------------------------- revision and quantization
+
+
+def test_revision_and_quantization_reach_the_loader_and_the_cache_key(monkeypatch, tmp_path):
+    loaded = []
+    monkeypatch.setattr(model_loading, "load_captioner", lambda *a, **k: loaded.append(k) or (object(), object()))
+    monkeypatch.setattr(recaption, "generate_captions", lambda m, p, images, *a: ["a flat teal star"] * len(images))
+    manifest, cache_dir = _manifest(0, 2), tmp_path / "captions"
+    cfg = RecaptionConfig(max_new_tokens=4)
+    assert caption_images(manifest, cfg, MODELS, CPU, F32, cache_dir).generated == 2
+    assert loaded == [{"quantization": "none", "revision": None}]
+    pinned = cfg.model_copy(update={"model_revision": "a1b2c3"})
+    assert caption_images(manifest, pinned, MODELS, CPU, F32, cache_dir).generated == 2  # new key: regenerated
+    assert caption_images(manifest, pinned, MODELS, CPU, F32, cache_dir).generated == 0
+    assert loaded[1] == {"quantization": "none", "revision": "a1b2c3"} and len(loaded) == 2
+    keys = {recaption.caption_key("i", "p", "m", 8, F32, revision, quant)
+            for revision in (None, "a1b2c3") for quant in ("none", "8bit", "4bit")}  # fmt: skip
+    assert len(keys) == 6
+
+
+def test_quantized_loading_needs_cuda_and_quantizes_only_the_language_model(tiny_models):
+    from transformers import LlavaForConditionalGeneration
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    four = model_loading.captioner_quantization("4bit", torch.bfloat16)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert model_loading.captioner_quantization("8bit", torch.bfloat16).load_in_8bit
+    assert model_loading.captioner_quantization("none", torch.bfloat16) is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        model_loading.load_captioner(MODELS, F32, CPU, quantization="4bit")
+    # The skip list must name real modules: only the language model's linears get quantized.
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_models["llava"])
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    quantized = {name.split(".layers.")[0] for name in linears if should_convert_module(name, four.llm_int8_skip_modules)}
+    assert quantized == {"model.language_model"}
+    assert any(name.startswith("model.vision_tower") for name in linears)

@@ -1,0 +1,370 @@
+"""Issue 5: training throughput, reference-equivalent step vs the project's trainer, one card.
+
+    python bench/train_bench.py ref       # PixArt-alpha's train_pixart_lora_hf.py step, rebuilt
+    python bench/train_bench.py project   # tasks/train.py (lora_transformer, build_optimizer,
+                                          # diffusion_loss, _update) at several settings
+
+`ref` does per step what the reference script does with --mixed_precision bf16,
+--gradient_checkpointing, rank 16, its target modules, batch 2: decode two PNGs and apply its
+torchvision transform, T5-XXL forward at 120 padded tokens, VAE encode + posterior sample, then
+the LoRA step through accelerate (gather + .item() of the loss, clip, AdamW). Token ids are fed
+directly (the tokenizer call is <1 ms and needs the real spiece model).
+
+`project` builds the same random PixArt-XL-2 transformer on the GPU (tasks.train.load_transformer
+is replaced by the builder; everything after it is the project's code) and feeds a synthetic
+in-memory CachedTrainSet of the cached shapes: 120x4096 embeddings (40..120 valid tokens),
+4x64x64 latent mean/std.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import nullcontext
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import (  # noqa: E402  (sets sys.path)
+    CAPTION_DIM, DEVICE, LATENT, RESOLUTION, TINY, Report, allocated_gib, build_pixart, build_t5,
+    build_vae, ddpm_scheduler, install_stubs, peak_gib, reset_peak, sync, timed,
+)  # fmt: skip
+
+install_stubs()
+WARMUP, ITERS = (1, 2) if TINY else (3, 10)
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 420))  # project variants stop starting after this
+T0 = time.time()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-equivalent step.
+
+
+def write_pngs(folder, n: int) -> list:
+    """Photo-like PNGs (smooth colour fields + grain) at the training resolution."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image).astype(np.int16) + rng.integers(-6, 7, (RESOLUTION, RESOLUTION, 3))
+        path = folder / f"{i}.png"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def bench_reference(report: Report, batch_size: int = 2) -> None:
+    from accelerate import Accelerator
+    from PIL import Image
+    from peft import LoraConfig, get_peft_model
+    try:
+        from torchvision import transforms
+    except ImportError:
+        transforms = None
+
+    from configs import REFERENCE_TARGETS
+
+    accelerator = Accelerator(mixed_precision="bf16")
+    dtype = torch.bfloat16
+    start = time.time()
+    text_encoder, vae = build_t5(dtype), build_vae(dtype)
+    transformer = build_pixart(dtype).requires_grad_(False)
+    transformer = get_peft_model(
+        transformer, LoraConfig(r=16, init_lora_weights="gaussian", target_modules=REFERENCE_TARGETS)
+    )  # bf16 run: the reference upcasts LoRA params only for fp16 (PEFT autocasts adapters to fp32)
+    transformer.enable_gradient_checkpointing()
+    lora_layers = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_layers, lr=3e-4, weight_decay=0.03, eps=1e-10)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer.train()
+    scheduler = ddpm_scheduler()
+    build_s = time.time() - start
+
+    paths = write_pngs(OUT_TMP / "png", 16)
+    if transforms is not None:
+        train_transforms = transforms.Compose([
+            transforms.Resize(RESOLUTION, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(RESOLUTION), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
+        ])  # fmt: skip
+    else:  # CPU dry run without torchvision: the project's equivalent transform
+        from tasks.embed import preprocess_image
+
+        def train_transforms(image):
+            pixels = preprocess_image(image, RESOLUTION)
+            return pixels.flip(-1) if torch.rand(()) < 0.5 else pixels
+    rng = np.random.default_rng(0)
+    max_length = 120
+    counter = iter(range(10**9))
+
+    def step():
+        i = next(counter)
+        images = [Image.open(paths[(i * batch_size + k) % len(paths)]).convert("RGB") for k in range(batch_size)]
+        pixel_values = torch.stack([train_transforms(im) for im in images]).float()
+        lengths = rng.integers(55, 96, batch_size)  # ~73 T5 tokens for a 60-word caption
+        input_ids = torch.zeros(batch_size, max_length, dtype=torch.long)
+        mask = torch.zeros(batch_size, max_length, dtype=torch.long)
+        for k, n in enumerate(lengths):
+            input_ids[k, :n] = torch.from_numpy(rng.integers(3, 32000 if not TINY else 100, n))
+            mask[k, :n] = 1
+        pixel_values, input_ids, mask = (t.to(DEVICE) for t in (pixel_values, input_ids, mask))
+        with accelerator.accumulate(transformer):
+            latents = vae.encode(pixel_values.to(dtype=dtype)).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (latents.shape[0],), device=DEVICE).long()
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            prompt_embeds = text_encoder(input_ids, attention_mask=mask)[0]
+            pred = transformer(
+                noisy, encoder_hidden_states=prompt_embeds, encoder_attention_mask=mask,
+                timestep=timesteps, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample.chunk(2, 1)[0]  # fmt: skip
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+            accelerator.gather(loss.repeat(batch_size)).mean().item()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(lora_layers, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    reset_peak()
+    median, times = timed(step, WARMUP, ITERS)
+    report.add(f"ref_b{batch_size}_ckpt", {
+        "what": "reference-equivalent step: PNG decode + T5-XXL + VAE encode + LoRA step (grad ckpt)",
+        "batch": batch_size, "transform": "torchvision" if transforms is not None else "tasks.embed.preprocess_image",
+        "step_s": round(median, 4), "samples_per_s": round(batch_size / median, 2),
+        "peak_GiB": peak_gib(), "build_s": round(build_s, 1), "step_times": [round(t, 4) for t in times],
+    })  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's trainer.
+
+
+def synthetic_train_set(n: int):
+    from tasks.train import CachedTrainSet
+
+    rng = torch.Generator().manual_seed(0)
+    embeds = torch.randn(n, 120, CAPTION_DIM, generator=rng) * 0.1
+    mask = torch.zeros(n, 120, dtype=torch.long)
+    for i, length in enumerate(torch.randint(40, 121, (n,), generator=rng).tolist()):
+        mask[i, :length] = 1
+    embeds *= mask[..., None]
+    mean = torch.randn(n, 4, LATENT, LATENT, generator=rng) * 4
+    std = torch.full((n, 4, LATENT, LATENT), 0.1)
+    flipped = (mean.flip(-1), std.flip(-1))
+    return CachedTrainSet([f"i{i}" for i in range(n)], embeds, mask, mean, std, flipped)
+
+
+def run_config(**train):
+    from configs import RunConfig
+
+    settings = {"rank": 16, "target_modules": "reference", "dropout": 0.0, "lr_scheduler": "constant",
+                "mixed_precision": "bf16", "max_steps": 1000, "checkpointing_steps": 1000, **train}  # fmt: skip
+    return RunConfig.model_validate({
+        "run_name": "bench", "device": "cuda" if DEVICE.type == "cuda" else "cpu", "dtype": "bfloat16",
+        "dataset": {"repo": "x"}, "models": {"pixart": "random-init"},
+        "embed": {"resolution": RESOLUTION, "max_length": 120}, "train": settings,
+    })  # fmt: skip
+
+
+def bench_variant(report, accelerator, data_cpu, name, *, fused=True, gpu_data=True, profile=False, attn=None, **train):
+    import tasks.train as tt
+    from diffusers.optimization import get_scheduler
+
+    config = run_config(**train)
+    cfg = config.train
+    free()
+    baseline = allocated_gib()
+    reset_peak()
+    transformer = tt.lora_transformer(config, DEVICE)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if fused:
+        optimizer = tt.build_optimizer(params, cfg)
+    else:  # the project before this change: foreach AdamW
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler("constant", optimizer)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    data = data_cpu.to(DEVICE, torch.bfloat16) if gpu_data else data_cpu
+    plan = tt.StepPlan(len(data), cfg.batch_size, 1, cfg.seed)
+    noise_scheduler = ddpm_scheduler()
+
+    def loss_of(batch):
+        return tt.diffusion_loss(model, batch, noise_scheduler, 0.18215, torch.bfloat16)
+
+    counter = iter(range(10**9))
+    losses = []
+
+    def step():
+        s = next(counter)
+        torch.manual_seed(tt._step_seed(cfg.seed, s, 0))
+        loss, _, _ = tt._update(accelerator, model, loss_of, data, plan.batches(s), optimizer, params, cfg)
+        lr_scheduler.step()
+        losses.append(loss)
+
+    result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": cfg.compile,
+              "fused_adamw": fused, "gpu_resident_data": gpu_data, "baseline_alloc_GiB": baseline}  # fmt: skip
+    context = nullcontext()
+    if attn is not None:  # pin SDPA's backends; a fresh compile so the graph picks them up
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        torch._dynamo.reset()
+        context = sdpa_kernel([getattr(SDPBackend, b) for b in attn])
+        result["sdpa_backends"] = attn
+    try:
+        context.__enter__()
+        sync()
+        first = time.perf_counter()
+        step()
+        sync()
+        result["first_step_s"] = round(time.perf_counter() - first, 1)  # includes compilation
+        median, times = timed(step, WARMUP - 1, ITERS)
+        result.update(step_s=round(median, 4), samples_per_s=round(cfg.batch_size / median, 2),
+                      peak_GiB=peak_gib(), step_times=[round(t, 4) for t in times],
+                      loss_first_last=[round(losses[0], 4), round(losses[-1], 4)])  # fmt: skip
+        if profile:
+            result["profile"] = profile_steps(step, 2)
+    except torch.OutOfMemoryError as exc:
+        result["error"] = f"OOM: {str(exc)[:200]}"
+    except Exception as exc:  # one failed variant must not lose the others
+        result["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+    finally:
+        context.__exit__(None, None, None)
+    report.add(name, result)
+    accelerator.free_memory()
+    del model, transformer, optimizer, params, data, lr_scheduler
+    free()
+
+
+def profile_steps(step, n: int) -> dict:
+    """Kernel count, summed kernel time and the top kernels over `n` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6  # us -> s (overlap ignored: one stream)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {
+        "steps": n, "wall_s_per_step": round(wall / n, 4), "kernels_per_step": len(kernels) // n,
+        "gpu_busy_s_per_step": round(busy / n, 4),
+        "top": [[name, len(v) // n, round(sum(v) / n / 1e3, 2)] for name, v in top],  # name, count, ms/step
+    }  # fmt: skip
+
+
+def free() -> None:
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_data_path(report, data_cpu, batch_size: int) -> None:
+    """Cost of CachedTrainSet.batch per step: host-resident (old) vs GPU-resident (new)."""
+    idx, flip = torch.arange(batch_size), torch.rand(batch_size) < 0.5
+    gpu = data_cpu.to(DEVICE, torch.bfloat16)
+    host_s, _ = timed(lambda: data_cpu.batch(idx, flip, DEVICE), 2, 10)
+    dev_s, _ = timed(lambda: gpu.batch(idx, flip, DEVICE), 2, 10)
+    report.add(f"data_batch_b{batch_size}", {"host_resident_ms": round(host_s * 1e3, 2),
+                                             "gpu_resident_ms": round(dev_s * 1e3, 2)})  # fmt: skip
+    del gpu
+    free()
+
+
+def bench_attention(report: Report, batch: int = 32) -> None:
+    """PixArt's two attentions at batch 32 (fwd + bwd) under each SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = 16, 72
+    q = torch.randn(batch, heads, 1024, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(batch, heads, 120, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.zeros(batch, 1, 1, 120, device=DEVICE, dtype=torch.bfloat16)
+    bias[:, :, :, 80:] = -10000.0
+    bias = bias.expand(batch, heads, 1, 120)
+    out = {}
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        for kind, args in (("self", (q, q, q, None)), ("cross_masked", (q, kv, kv, bias))):
+            def run():
+                o = torch.nn.functional.scaled_dot_product_attention(*args[:3], attn_mask=args[3])
+                o.sum().backward()
+            try:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    t, _ = timed(run, 2, 10)
+                out[f"{backend}_{kind}_ms"] = round(t * 1e3, 3)
+            except Exception as exc:
+                out[f"{backend}_{kind}_ms"] = f"{type(exc).__name__}"
+    flop = 4 * batch * heads * 1024 * 1024 * dim * 3.5  # fwd + bwd (2.5x)
+    out["self_tflops_at_best"] = round(flop / min(v for k, v in out.items() if "self" in k and isinstance(v, float)) / 1e12 * 1e3, 1)
+    report.add("attention_b32_fwd_bwd", out)
+
+
+def bench_project(report: Report) -> None:
+    import tasks.train as tt
+    from accelerate import Accelerator
+
+    def random_transformer(models, dtype, device):
+        return build_pixart(dtype, device)
+
+    tt.load_transformer = random_transformer  # everything after the weights is the project's code
+    if TINY:  # no C++ toolchain needed for a CPU dry run
+        original = tt.compile_blocks
+        tt.compile_blocks = lambda transformer: original(transformer, backend="eager")
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 16)  # one compiled graph per batch size tried below
+    accelerator = Accelerator(mixed_precision="bf16", cpu=DEVICE.type == "cpu")
+    data_cpu = synthetic_train_set(64 if TINY else 256)
+    if DEVICE.type == "cuda":
+        try:
+            bench_attention(report)
+        except Exception as exc:
+            report.add("attention_b32_fwd_bwd", {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        free()
+    bench_data_path(report, data_cpu, 32)
+
+    variants = [
+        ("proj_b2_ckpt_eager_before", dict(batch_size=2, gradient_checkpointing=True, fused=False, gpu_data=False)),
+        ("proj_b2_ckpt_eager", dict(batch_size=2, gradient_checkpointing=True)),
+        ("proj_b16_eager", dict(batch_size=16, gradient_checkpointing=False)),
+        ("proj_b2_ckpt_compiled", dict(batch_size=2, gradient_checkpointing=True, compile=True)),
+        ("proj_b2_compiled", dict(batch_size=2, gradient_checkpointing=False, compile=True)),
+        ("proj_b32_compiled", dict(batch_size=32, gradient_checkpointing=False, compile=True, profile=True)),
+        ("proj_b32_ckpt_compiled", dict(batch_size=32, gradient_checkpointing=True, compile=True)),
+        ("proj_b8_ckpt_compiled", dict(batch_size=8, gradient_checkpointing=True, compile=True)),
+        ("proj_b48_compiled", dict(batch_size=48, gradient_checkpointing=False, compile=True)),
+        ("proj_b16_ckpt_compiled", dict(batch_size=16, gradient_checkpointing=True, compile=True)),
+        ("proj_b32_compiled_flash", dict(batch_size=32, gradient_checkpointing=False, compile=True,
+                                         attn=["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])),
+    ]
+    only = os.environ.get("BENCH_VARIANTS")
+    for name, kwargs in variants:
+        if only and name not in only.split(","):
+            continue
+        if time.time() - T0 > BUDGET_S:
+            report.add(name, {"skipped": f"time budget {BUDGET_S:.0f}s reached"})
+            continue
+        bench_variant(report, accelerator, data_cpu, name, **kwargs)
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    OUT_TMP = Path(os.environ.get("BENCH_TMP", "/tmp/bench"))
+    mode = sys.argv[1]
+    report = Report(f"train_{mode}")
+    if mode == "ref":
+        bench_reference(report)
+    else:
+        bench_project(report)
+    print(f"done in {time.time() - T0:.0f}s", flush=True)

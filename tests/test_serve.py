@@ -1,0 +1,248 @@
+"""`pixart-pipeline serve` against a real Prefect server: runs started through the REST API, as
+the UI starts them, with caching, artifacts, the GPU slot, `runs` and prefect.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from configs import CONFIG_DIR, load_config, parse_config
+from flows.serve import image_server, read_info
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_OF_TASK = {"pull": "pull", "recaption": "recaption", "embed": "embed", "train-lora": "train",
+                 "evaluate": "evaluate", "push": "push"}  # fmt: skip
+CRON = "0 3 * * *"
+
+
+def fast_config(path: Path, run_name: str) -> dict:
+    """The demo config, cut to seconds of CPU: 10 training steps, 4 sampling steps."""
+    data = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    data["run_name"] = run_name
+    data["train"]["max_steps"] = 10
+    data["evaluate"]["num_inference_steps"] = 4
+    data["recaption"]["schedule"] = CRON
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
+
+
+def start_serve(config_path: Path, workdir: Path, env: dict, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "flows.cli", "serve", str(config_path), "--workdir", str(workdir),
+               "--image-port", "0"]  # fmt: skip
+    env = {**env, "OMP_NUM_THREADS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_serve(process: subprocess.Popen, workdir: Path, log_path: Path, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        info = read_info(workdir)
+        if info is not None:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"serve did not start within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_serve(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)  # serve stops its runner, image server and any local server
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def create_run(api: str, deployment: str, parameters: dict | None = None) -> str:
+    deployment_id = httpx.get(f"{api}/deployments/name/{deployment}").json()["id"]
+    response = httpx.post(
+        f"{api}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters or {}}
+    )
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def wait_for_state(api: str, run_id: str, name: str, log_path: Path, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
+        state = run["state"]
+        if state["name"] == name:
+            return run
+        if state["type"] in ("FAILED", "CRASHED", "CANCELLED"):
+            raise AssertionError(
+                f"run {run_id} {state['name']}: {state['message']}\n{log_path.read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} not {name} within {timeout_s:.0f} s\n{log_path.read_text()[-3000:]}")
+
+
+def stage_states(api: str, run_id: str) -> dict[str, str]:
+    task_runs = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    return {STAGE_OF_TASK[t["name"].rsplit("-", 1)[0]]: t["state"]["name"] for t in task_runs}
+
+
+def run_artifacts(api: str, run_id: str) -> dict[str, dict]:
+    found = httpx.post(
+        f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    ).json()
+    return {a["key"]: a for a in found}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, prefect_server, tiny_models):
+    """serve on the session's test server, and three style runs started through the API:
+    defaults, defaults again, and a changed learning rate while another run holds the GPU."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    root = tmp_path_factory.mktemp("serve")
+    config = fast_config(root / "fast.yaml", "served")
+    workdir, log_path = root / "work", root / "serve.log"
+    process = start_serve(root / "fast.yaml", workdir, {**os.environ, "PREFECT_API_URL": api}, log_path)
+    try:
+        info = wait_for_serve(process, workdir, log_path)
+        runs = {"first": create_run(api, "style-run/style-run")}
+        wait_for_state(api, runs["first"], "Completed", log_path)
+        runs["again"] = create_run(api, "style-run/style-run")
+        wait_for_state(api, runs["again"], "Completed", log_path)
+
+        changed = json.loads(json.dumps(config))
+        changed["train"]["learning_rate"] = 5e-4
+        with concurrency("gpu", occupy=1, strict=True):  # another run's GPU stage holds the card
+            runs["changed"] = create_run(api, "style-run/style-run", {"config": changed})
+            waiting = wait_for_state(api, runs["changed"], "AwaitingGPU", log_path)
+        wait_for_state(api, runs["changed"], "Completed", log_path)
+        yield {
+            "api": api,
+            "info": info,
+            "workdir": workdir,
+            "runs": runs,
+            "waiting": waiting,
+            "log": log_path,
+        }
+    finally:
+        stop_serve(process)
+
+
+def test_deployments_carry_the_config_as_a_typed_form_and_the_cron(served):
+    api = served["api"]
+    style = httpx.get(f"{api}/deployments/name/style-run/style-run").json()
+    expected = load_config(served["workdir"].parent / "fast.yaml").model_dump(mode="json")
+    assert style["parameters"] == {"config": expected, "workdir": str(served["workdir"])}
+    schema = style["parameter_openapi_schema"]
+    assert schema["properties"]["config"]["$ref"].endswith("RunConfig")  # the UI renders RunConfig's fields
+    assert "train" in schema["definitions"]["RunConfig"]["properties"]
+
+    recaption = httpx.get(f"{api}/deployments/name/recaption/recaption").json()
+    assert [s["schedule"]["cron"] for s in recaption["schedules"]] == [CRON]
+    assert recaption["schedules"][0]["active"] and not recaption["paused"]
+    assert httpx.get(f"{api}/v2/concurrency_limits/gpu").json()["limit"] == 1
+
+
+def test_style_run_from_the_api_completes_with_its_artifacts(served):
+    api, first = served["api"], served["runs"]["first"]
+    assert set(stage_states(api, first).values()) == {"Completed"}
+    found = run_artifacts(api, first)
+    names = ("progress", "captions", "loss-curve", "lora-grid", "style-shift", "results")
+    assert set(found) == {f"served-{name}" for name in names}
+    assert found["served-progress"]["data"] == 100.0
+    captions = json.loads(found["served-captions"]["data"])
+    assert len(captions) == 20 and {"original", "generated", "trained on"} <= set(captions[0])
+    results = json.loads(found["served-results"]["data"])[0]
+    assert results["branch"].startswith("runs/served-") and len(results["commit_id"]) == 32
+    grid = found["served-lora-grid"]["data"]  # the demo's grid sheet is small: inlined as a data URI
+    png = base64.b64decode(grid.split("data:image/png;base64,", 1)[1].split(")", 1)[0])
+    assert png.startswith(b"\x89PNG")
+    assert "latent FD ratio" in found["served-style-shift"]["data"]
+
+
+def test_rerun_with_nothing_changed_is_all_cached_and_quick(served):
+    api, again = served["api"], served["runs"]["again"]
+    assert stage_states(api, again) == {stage: "Cached" for stage in STAGE_OF_TASK.values()}
+    assert httpx.get(f"{api}/flow_runs/{again}").json()["total_run_time"] < 30
+
+
+def test_changing_a_train_setting_reruns_only_train_evaluate_and_push(served):
+    assert stage_states(served["api"], served["runs"]["changed"]) == {
+        "pull": "Cached", "recaption": "Cached", "embed": "Cached",
+        "train": "Completed", "evaluate": "Completed", "push": "Completed",
+    }  # fmt: skip
+
+
+def test_a_run_waiting_for_the_gpu_says_so(served):
+    state = served["waiting"]["state"]
+    assert state["type"] == "RUNNING"
+    assert "train is waiting for a GPU" in state["message"] and "'gpu'" in state["message"]
+
+
+def test_runs_lists_recent_runs_with_their_results_commit(served):
+    env = {**os.environ, "PREFECT_API_URL": served["api"]}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "runs", "--workdir", str(served["workdir"])],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "style-run" in line]
+    assert len(lines) >= 3 and all("Completed" in line for line in lines[:3])
+    commits = {json.loads(run_artifacts(served["api"], run)["served-results"]["data"])[0]["commit_id"]
+               for run in served["runs"].values()}  # fmt: skip
+    assert len(commits) == 2 and all(commit in result.stdout for commit in commits)
+
+
+def test_image_server_serves_pngs_below_its_folder_only(tmp_path: Path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "grid.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "secret.yaml").write_text("token: x")
+    with image_server(tmp_path, "127.0.0.1", 0, None) as url:
+        with urllib.request.urlopen(f"{url}/runs/grid.png", timeout=5) as response:
+            assert response.read() == b"\x89PNG fake"
+        for path in ("/secret.yaml", "/runs/", "/../etc/passwd.png", "/runs/missing.png"):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(url + path, timeout=5)
+            assert error.value.code == 404, path
+
+
+def test_prefect_yaml_deploys_both_flows_to_both_pools(prefect_server):
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    demo = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
+    assert spec["definitions"]["demo_config"] == demo  # the form's defaults are the demo config
+    parse_config(spec["definitions"]["demo_config"])
+
+    from prefect.settings import PREFECT_API_URL
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type as template
+
+    api = PREFECT_API_URL.value()
+    for pool, kind in (("gpu-process", "process"), ("gpu-docker", "docker")):  # as `prefect work-pool create`
+        pool_spec = {"name": pool, "type": kind, "base_job_template": asyncio.run(template(kind))}
+        response = httpx.post(f"{api}/work_pools/", json=pool_spec)
+        assert response.status_code in (201, 409), response.text
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=ROOT, env={**os.environ, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for flow in ("style-run", "recaption"):
+        for pool in ("process", "docker"):
+            deployment = httpx.get(f"{api}/deployments/name/{flow}/{flow}-{pool}").json()
+            assert deployment["work_pool_name"] == f"gpu-{pool}"
+            assert deployment["parameters"]["config"] == demo
+    docker = httpx.get(f"{api}/deployments/name/recaption/recaption-docker").json()
+    assert docker["job_variables"]["image"] == "pixart-pipeline:latest"
+    assert docker["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"
+    assert [(s["schedule"]["cron"], s["active"]) for s in docker["schedules"]] == [(CRON, False)]

@@ -34,7 +34,7 @@ def install_stubs() -> list[str]:
     """
     stubbed = []
     try:
-        import prefect  # noqa: F401
+        import prefect
     except ImportError:
         prefect = types.ModuleType("prefect")
         prefect.task = lambda *a, **k: a[0] if a and callable(a[0]) else (lambda fn: fn)

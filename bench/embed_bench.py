@@ -19,18 +19,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BatchEncoding
-
-from common import (  # noqa: E402  (sets sys.path)
-    DEVICE, RESOLUTION, TINY, Report, allocated_gib, build_t5, build_vae, install_stubs, peak_gib,
-    reset_peak, sync, timed,
+from common import (
+    DEVICE,
+    RESOLUTION,
+    TINY,
+    Report,
+    allocated_gib,
+    build_t5,
+    build_vae,
+    install_stubs,
+    peak_gib,
+    reset_peak,
+    sync,
+    timed,
 )  # fmt: skip
+from transformers import BatchEncoding
 
 STUBBED = install_stubs()
 N_CAPTIONS = 64 if TINY else 2048
 N_IMAGES = 8 if TINY else 256
 T0 = time.time()
-T5_COMPILE_BEFORE_S = 150  # skip the compiled-T5 probe when the run is already this late
+T5_COMPILE_BEFORE_S = 150  # skip the remaining compiled variants when the run is already this late
 
 
 class TokenCountTokenizer:
@@ -42,31 +51,17 @@ class TokenCountTokenizer:
         self.ids = {f"cap{i}": rng.integers(3, 32000 if not TINY else 100, rng.integers(55, 96)).tolist() + [1]
                     for i in range(n)}  # fmt: skip
 
+    pad_multiple = 1  # > 1: pad each batch up to a multiple of this (the bucketed variant)
+
     def __call__(self, texts, padding=False, truncation=True, max_length=120, return_tensors=None, **_):
         ids = [self.ids[t][:max_length] for t in texts]
         if padding in ("longest", True, "max_length"):
             width = max_length if padding == "max_length" else max(len(x) for x in ids)
+            width = -(-width // self.pad_multiple) * self.pad_multiple
             mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
             ids = [x + [0] * (width - len(x)) for x in ids]
             return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)
         return BatchEncoding({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
-
-
-@torch.inference_mode()
-def encode_text_batch_before(batch, tokenizer, model, max_length, device):
-    """tasks/embed.py's _encode_text_batch before this change (per-row CPU boolean indexing)."""
-    from tasks.embed import dtype_name, tensor_bytes
-
-    tokens = tokenizer([t for _, t in batch], padding="longest", truncation=True, max_length=max_length,
-                       return_tensors="pt")  # fmt: skip
-    hidden = model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-                   ).last_hidden_state.cpu()  # fmt: skip
-    rows = []
-    for (key, text), states, valid in zip(batch, hidden, tokens.attention_mask.bool(), strict=True):
-        array = states[valid]
-        rows.append({"key": key, "text": text, "length": array.shape[0], "dim": array.shape[1],
-                     "dtype": dtype_name(array.dtype), "embedding": tensor_bytes(array)})  # fmt: skip
-    return rows
 
 
 class Timers:
@@ -116,6 +111,13 @@ def t5_flop_floor(tokens_per_caption: float) -> float:
 
 
 def bench_t5(report: Report) -> None:
+    """Baseline (batch 1, pad 120) vs embed.embed_texts at batch 64: eager, embed.compile (the
+    project's dynamic-shape blocks), and static-shape blocks over lengths bucketed to multiples of
+    16; each compiled variant cold (first call in a fresh dynamo state: includes compiling) then
+    warm (a second call, new model, new cache dir)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from configs import EmbedConfig, ModelsConfig
     from tasks import embed, model_loading
 
@@ -123,19 +125,18 @@ def bench_t5(report: Report) -> None:
     texts = [f"cap{i}" for i in range(N_CAPTIONS)]
     mean_tokens = float(np.mean([len(v) for v in tokenizer.ids.values()]))
 
-    # Baseline: batch 1 at 120 padded tokens, the model called directly.
+    # Baseline: batch 1 at 120 padded tokens, the model called directly; and the model alone.
     model = build_t5()
     one = tokenizer(texts[:1], padding="max_length", max_length=120, return_tensors="pt").to(DEVICE)
     with torch.inference_mode():
         b1, _ = timed(lambda: model(**one).last_hidden_state.cpu(), 3, 20)
-        full = tokenizer(texts[:64], padding="max_length", max_length=120, return_tensors="pt").to(DEVICE)
-        b64, _ = timed(lambda: model(**full).last_hidden_state.cpu(), 2, 5)
+    eager_model_s = model_only(model, tokenizer, texts, 64)
     report.add("t5_baseline", {
-        "batch1_pad120_captions_per_s": round(1 / b1, 1), "batch64_pad120_captions_per_s": round(64 / b64, 1),
-        "mean_tokens": round(mean_tokens, 1), "floor_120_tokens": round(t5_flop_floor(120), 1),
-        "floor_mean_tokens": round(t5_flop_floor(mean_tokens), 1),
+        "batch1_pad120_captions_per_s": round(1 / b1, 1), "model_only_sorted_b64_captions_per_s":
+        round(N_CAPTIONS / eager_model_s, 1), "mean_tokens": round(mean_tokens, 1),
+        "floor_120_tokens": round(t5_flop_floor(120), 1), "floor_mean_tokens": round(t5_flop_floor(mean_tokens), 1),
     })  # fmt: skip
-    del model, one, full
+    del model, one
     model_loading.release()
 
     build_times = []
@@ -151,62 +152,54 @@ def bench_t5(report: Report) -> None:
     models = ModelsConfig(pixart="random-init")
     from tasks import cache as cache_module
 
-    after_fn = embed._encode_text_batch
-    for name, batch_size, encode in (("before_b64", 64, encode_text_batch_before), ("b64", 64, after_fn),
-                                     ("b256", 256, after_fn)):  # fmt: skip
+    project_compile = embed.compile_text_encoder
+
+    def static_bucketed(model, backend="inductor"):  # the alternative the brief asked to compare
+        torch._dynamo.config.recompile_limit = 64
+        for block in model.encoder.block:
+            block.compile(backend=backend, dynamic=False)
+
+    variants = [("eager", False, None, 1), ("compiled_dynamic_cold", True, project_compile, 1),
+                ("compiled_dynamic_warm", True, project_compile, 1),
+                ("compiled_static16_cold", True, static_bucketed, 16),
+                ("compiled_static16_warm", True, static_bucketed, 16)]  # fmt: skip
+    for name, compile_on, compile_fn, pad_multiple in variants:
+        if name.endswith("_cold"):
+            torch._dynamo.reset()
+        if compile_fn is not None:
+            embed.compile_text_encoder = compile_fn
+        tokenizer.pad_multiple = pad_multiple
         timers = Timers()
-        embed._encode_text_batch = encode
-        originals = [(embed, "_encode_text_batch", timers.wrap(embed, "_encode_text_batch", "encode_batches_s")),
+        originals = [(embed, "_encode_text_batch", timers.wrap(embed, "_encode_text_batch", "launch_s")),
+                     (embed, "_text_rows", timers.wrap(embed, "_text_rows", "rows_s")),
                      (embed._ShardWriter, "write", timers.wrap(embed._ShardWriter, "write", "writer_main_thread_s")),
                      (cache_module.ShardedCache, "write", timers.wrap(cache_module.ShardedCache, "write", "shard_write_bg_s"))]  # fmt: skip
         before = allocated_gib()
+        graphs_before = counters["stats"]["unique_graphs"]
         reset_peak()
         cache = Path(tempfile.mkdtemp(prefix="t5cache-"))
-        cfg = EmbedConfig(batch_size=batch_size, max_length=120)
-        result = {"batch": batch_size, "captions": N_CAPTIONS, "alloc_before_GiB": before}
+        cfg = EmbedConfig(batch_size=64, max_length=120, compile=compile_on)
+        result = {"batch": 64, "captions": N_CAPTIONS, "compile": compile_on, "pad_multiple": pad_multiple,
+                  "alloc_before_GiB": before}  # fmt: skip
         try:
             sync()
             start = time.perf_counter()
-            if "pyarrow" in STUBBED:  # no parquet here: the stage's sort + encode loop without the cache
-                result["path"] = "sorted loop over embed._encode_text_batch (pyarrow missing)"
-                _, model = load_text_encoder(None, torch.bfloat16, DEVICE)
-                order = np.argsort([len(tokenizer.ids[t]) for t in texts], kind="stable")
-                todo = [(texts[i], texts[i]) for i in order]
-                for s in range(0, len(todo), batch_size):
-                    embed._encode_text_batch(todo[s : s + batch_size], tokenizer, model, 120, DEVICE)
-                del model
-                model_loading.release()
-            else:
-                result["path"] = "embed.embed_texts end to end (cache writes included)"
-                embed.embed_texts(texts, models, cfg, cache, DEVICE, torch.bfloat16)
+            embed.embed_texts(texts, models, cfg, cache, DEVICE, torch.bfloat16)
             sync()
             wall = time.perf_counter() - start - build_times[-1]
             result.update(captions_per_s=round(N_CAPTIONS / wall, 1), seconds=round(wall, 2),
                           model_build_s=round(build_times[-1], 1), peak_GiB=peak_gib(),
-                          alloc_after_GiB=allocated_gib(),
+                          alloc_after_GiB=allocated_gib(), new_graphs=counters["stats"]["unique_graphs"] - graphs_before,
                           **{k: round(v, 2) for k, v in timers.total.items()})  # fmt: skip
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
         for owner, attr, original in originals:
             setattr(owner, attr, original)
-        embed._encode_text_batch = after_fn
-        report.add(f"t5_project_{name}", result)
-
-    # The T5 forwards alone over the same sorted batches: eager, then each block compiled.
-    model = build_t5()
-    for batch_size in (64, 256):
-        t = model_only(model, tokenizer, texts, batch_size)
-        report.add(f"t5_model_only_b{batch_size}", {"captions_per_s": round(N_CAPTIONS / t, 1), "compiled": False})
-    if not TINY and time.time() - T0 < T5_COMPILE_BEFORE_S:
-        for block in model.encoder.block:
-            block.compile(dynamic=True)
-        start = time.perf_counter()
-        model_only(model, tokenizer, texts[:256], 64)
-        compile_s = time.perf_counter() - start
-        t = model_only(model, tokenizer, texts, 64)
-        report.add("t5_model_only_b64_compiled", {"captions_per_s": round(N_CAPTIONS / t, 1), "compiled": True,
-                                                  "first_pass_s": round(compile_s, 1)})  # fmt: skip
-    del model
+        embed.compile_text_encoder = project_compile
+        tokenizer.pad_multiple = 1
+        report.add(f"t5_project_b64_{name}", result)
+        if time.time() - T0 > T5_COMPILE_BEFORE_S and name.endswith("_warm"):
+            break
     model_loading.release()
 
 
@@ -234,7 +227,9 @@ def bench_vae(report: Report) -> None:
         for batch in (1, 32):
             x = torch.randn(batch, 3, RESOLUTION, RESOLUTION, device=DEVICE, dtype=torch.bfloat16)
             t, _ = timed(lambda: vae.encode(x).latent_dist.mean.cpu(), 2, 5)
-            report.add(f"vae_encode_b{batch}", {"images_per_s": round(batch / t, 1), "what": "vae.encode only"})
+            report.add(
+                f"vae_encode_b{batch}", {"images_per_s": round(batch / t, 1), "what": "vae.encode only"}
+            )
     del vae, x
     model_loading.release()
 
@@ -249,7 +244,14 @@ def bench_vae(report: Report) -> None:
             cfg = EmbedConfig(batch_size=batch_size, resolution=RESOLUTION, max_length=120)
             sync()
             start = time.perf_counter()
-            embed.embed_images(rows, ModelsConfig(pixart="random-init"), cfg, Path(tempfile.mkdtemp()), DEVICE, torch.bfloat16)
+            embed.embed_images(
+                rows,
+                ModelsConfig(pixart="random-init"),
+                cfg,
+                Path(tempfile.mkdtemp()),
+                DEVICE,
+                torch.bfloat16,
+            )
             sync()
             wall = time.perf_counter() - start
             result.update(images_per_s=round(N_IMAGES / wall, 1), seconds=round(wall, 2),

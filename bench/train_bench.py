@@ -20,16 +20,29 @@ from __future__ import annotations
 
 import gc
 import os
-from contextlib import nullcontext
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-
-from common import (  # noqa: E402  (sets sys.path)
-    CAPTION_DIM, DEVICE, LATENT, RESOLUTION, TINY, Report, allocated_gib, build_pixart, build_t5,
-    build_vae, ddpm_scheduler, install_stubs, peak_gib, reset_peak, sync, timed,
+from common import (
+    CAPTION_DIM,
+    DEVICE,
+    LATENT,
+    RESOLUTION,
+    TINY,
+    Report,
+    allocated_gib,
+    build_pixart,
+    build_t5,
+    build_vae,
+    ddpm_scheduler,
+    install_stubs,
+    peak_gib,
+    reset_peak,
+    sync,
+    timed,
 )  # fmt: skip
 
 install_stubs()
@@ -61,8 +74,9 @@ def write_pngs(folder, n: int) -> list:
 
 def bench_reference(report: Report, batch_size: int = 2) -> None:
     from accelerate import Accelerator
-    from PIL import Image
     from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
     try:
         from torchvision import transforms
     except ImportError:
@@ -99,13 +113,16 @@ def bench_reference(report: Report, batch_size: int = 2) -> None:
         def train_transforms(image):
             pixels = preprocess_image(image, RESOLUTION)
             return pixels.flip(-1) if torch.rand(()) < 0.5 else pixels
+
     rng = np.random.default_rng(0)
     max_length = 120
     counter = iter(range(10**9))
 
     def step():
         i = next(counter)
-        images = [Image.open(paths[(i * batch_size + k) % len(paths)]).convert("RGB") for k in range(batch_size)]
+        images = [
+            Image.open(paths[(i * batch_size + k) % len(paths)]).convert("RGB") for k in range(batch_size)
+        ]
         pixel_values = torch.stack([train_transforms(im) for im in images]).float()
         lengths = rng.integers(55, 96, batch_size)  # ~73 T5 tokens for a 60-word caption
         input_ids = torch.zeros(batch_size, max_length, dtype=torch.long)
@@ -115,7 +132,9 @@ def bench_reference(report: Report, batch_size: int = 2) -> None:
             mask[k, :n] = 1
         pixel_values, input_ids, mask = (t.to(DEVICE) for t in (pixel_values, input_ids, mask))
         with accelerator.accumulate(transformer):
-            latents = vae.encode(pixel_values.to(dtype=dtype)).latent_dist.sample() * vae.config.scaling_factor
+            latents = (
+                vae.encode(pixel_values.to(dtype=dtype)).latent_dist.sample() * vae.config.scaling_factor
+            )
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, 1000, (latents.shape[0],), device=DEVICE).long()
             noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -173,9 +192,22 @@ def run_config(**train):
     })  # fmt: skip
 
 
-def bench_variant(report, accelerator, data_cpu, name, *, fused=True, gpu_data=True, profile=False, attn=None, **train):
-    import tasks.train as tt
+def bench_variant(
+    report,
+    accelerator,
+    data_cpu,
+    name,
+    *,
+    fused=True,
+    gpu_data=True,
+    profile=False,
+    attn=None,
+    no_input_cast=False,
+    **train,
+):
     from diffusers.optimization import get_scheduler
+
+    import tasks.train as tt
 
     config = run_config(**train)
     cfg = config.train
@@ -183,11 +215,19 @@ def bench_variant(report, accelerator, data_cpu, name, *, fused=True, gpu_data=T
     baseline = allocated_gib()
     reset_peak()
     transformer = tt.lora_transformer(config, DEVICE)
+    if no_input_cast:  # PEFT casts each LoRA input to the fp32 adapter dtype; autocast recasts it to bf16
+        from peft.tuners.lora import LoraLayer
+
+        for module in transformer.modules():
+            if isinstance(module, LoraLayer):
+                module.cast_input_dtype_enabled = False
     params = [p for p in transformer.parameters() if p.requires_grad]
     if fused:
         optimizer = tt.build_optimizer(params, cfg)
     else:  # the project before this change: foreach AdamW
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+        )
     lr_scheduler = get_scheduler("constant", optimizer)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     data = data_cpu.to(DEVICE, torch.bfloat16) if gpu_data else data_cpu
@@ -296,9 +336,11 @@ def bench_attention(report: Report, batch: int = 32) -> None:
     out = {}
     for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         for kind, args in (("self", (q, q, q, None)), ("cross_masked", (q, kv, kv, bias))):
+
             def run():
                 o = torch.nn.functional.scaled_dot_product_attention(*args[:3], attn_mask=args[3])
                 o.sum().backward()
+
             try:
                 with sdpa_kernel([getattr(SDPBackend, backend)]):
                     t, _ = timed(run, 2, 10)
@@ -306,13 +348,16 @@ def bench_attention(report: Report, batch: int = 32) -> None:
             except Exception as exc:
                 out[f"{backend}_{kind}_ms"] = f"{type(exc).__name__}"
     flop = 4 * batch * heads * 1024 * 1024 * dim * 3.5  # fwd + bwd (2.5x)
-    out["self_tflops_at_best"] = round(flop / min(v for k, v in out.items() if "self" in k and isinstance(v, float)) / 1e12 * 1e3, 1)
+    out["self_tflops_at_best"] = round(
+        flop / min(v for k, v in out.items() if "self" in k and isinstance(v, float)) / 1e12 * 1e3, 1
+    )
     report.add("attention_b32_fwd_bwd", out)
 
 
 def bench_project(report: Report) -> None:
-    import tasks.train as tt
     from accelerate import Accelerator
+
+    import tasks.train as tt
 
     def random_transformer(models, dtype, device):
         return build_pixart(dtype, device)
@@ -334,7 +379,10 @@ def bench_project(report: Report) -> None:
     bench_data_path(report, data_cpu, 32)
 
     variants = [
-        ("proj_b2_ckpt_eager_before", dict(batch_size=2, gradient_checkpointing=True, fused=False, gpu_data=False)),
+        (
+            "proj_b2_ckpt_eager_before",
+            dict(batch_size=2, gradient_checkpointing=True, fused=False, gpu_data=False),
+        ),
         ("proj_b2_ckpt_eager", dict(batch_size=2, gradient_checkpointing=True)),
         ("proj_b16_eager", dict(batch_size=16, gradient_checkpointing=False)),
         ("proj_b2_ckpt_compiled", dict(batch_size=2, gradient_checkpointing=True, compile=True)),
@@ -343,9 +391,24 @@ def bench_project(report: Report) -> None:
         ("proj_b32_ckpt_compiled", dict(batch_size=32, gradient_checkpointing=True, compile=True)),
         ("proj_b8_ckpt_compiled", dict(batch_size=8, gradient_checkpointing=True, compile=True)),
         ("proj_b48_compiled", dict(batch_size=48, gradient_checkpointing=False, compile=True)),
+        (
+            "proj_b32_compiled_attention_targets",
+            dict(batch_size=32, gradient_checkpointing=False, compile=True, target_modules="attention"),
+        ),
+        (
+            "proj_b32_compiled_no_input_cast",
+            dict(batch_size=32, gradient_checkpointing=False, compile=True, no_input_cast=True),
+        ),
         ("proj_b16_ckpt_compiled", dict(batch_size=16, gradient_checkpointing=True, compile=True)),
-        ("proj_b32_compiled_flash", dict(batch_size=32, gradient_checkpointing=False, compile=True,
-                                         attn=["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])),
+        (
+            "proj_b32_compiled_flash",
+            dict(
+                batch_size=32,
+                gradient_checkpointing=False,
+                compile=True,
+                attn=["FLASH_ATTENTION", "EFFICIENT_ATTENTION"],
+            ),
+        ),
     ]
     only = os.environ.get("BENCH_VARIANTS")
     for name, kwargs in variants:

@@ -25,13 +25,13 @@ import json
 import os
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 from configs import RunConfig
 from flows.server import configure_environment, free_port, prefect_server
 
-STYLE_DEPLOYMENT = "style-run/style-run"
 RECAPTION_DEPLOYMENT = "recaption/recaption"
 # A fixed port, so image artifacts of earlier runs still load after serve restarts.
 IMAGE_PORT = 4280
@@ -83,15 +83,16 @@ def default_parameters(config: RunConfig, workdir: Path) -> dict:
 
 
 def is_paused(deployment_name: str) -> bool:
-    """Whether a deployment's schedule was paused (in the UI) before this serve started."""
+    """Whether the deployment, or its schedule, was switched off (in the UI) before this serve."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            return bool(client.read_deployment_by_name(deployment_name).paused)
+            deployment = client.read_deployment_by_name(deployment_name)
         except ObjectNotFound:
             return False
+    return bool(deployment.paused) or any(not schedule.active for schedule in deployment.schedules or [])
 
 
 def build_deployments(config: RunConfig, workdir: Path, paused: bool) -> list:
@@ -152,6 +153,8 @@ def serve(
         ensure_gpu_limit(gpu_slots)
         with image_server(workdir, image_host, image_port, image_url) as images:
             deployments = build_deployments(config, workdir, paused)
+            for deployment in deployments:  # registered before serve.json says we are ready
+                deployment.apply()
             names = [f"{d.flow_name}/{d.name}" for d in deployments]
             info = {"api_url": api_url, "ui_url": api_url.removesuffix("/api"), "image_url": images,
                     "pid": os.getpid(), "deployments": names}  # fmt: skip
@@ -196,16 +199,20 @@ def recent_runs(limit: int = 20) -> list[dict]:
         ArtifactFilterType,
         FlowFilter,
         FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
     )
     from prefect.client.schemas.sorting import FlowRunSort
 
+    due = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC)))
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["style-run", "recaption"])),
+            flow_run_filter=due,  # not the schedule's future runs
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=limit,
         )
-        flow_names = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+        flow_names = {flow_id: client.read_flow(flow_id).name for flow_id in {run.flow_id for run in runs}}
         tables = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run.id for run in runs]),

@@ -160,7 +160,8 @@ def publish_evaluation(run: RunBoard, config: RunConfig, run_id: str, run_dir: s
     grids = evaluated["grid_paths"]
     if len(labels) == len(grids):
         sheet = artifacts.grid_sheet(grids, labels, Path(run_dir) / "artifacts" / "lora-grid.png")
-        run.image("lora-grid", sheet, f"base | LoRA for {len(labels)} prompts, seeds {config.evaluate.seeds}")
+        seeds = ", ".join(map(str, config.evaluate.seeds))
+        run.image("lora-grid", sheet, f"base | LoRA for {len(labels)} prompts, seeds {seeds}")
     else:
         run.logger.warning("%d grids for %d prompts: no grid sheet", len(grids), len(labels))
     run.markdown("style-shift", artifacts.metrics_markdown(evaluated["metrics"], run_id),

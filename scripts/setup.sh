@@ -11,3 +11,12 @@ fi
 # torch pulled in by another package would fetch a multi-GB CUDA build instead.
 .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright. Playwright's
+# own browser download is never used (no `playwright install`): the test launches /usr/bin/chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check "playwright==1.65.2"

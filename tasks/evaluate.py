@@ -3,12 +3,16 @@
 T5 is never loaded: the prompt set's styled prompts and the empty prompt (for classifier-free
 guidance) come from the text-embedding cache. The transformer is loaded once; the base images are
 sampled first, then the adapter is applied to that same transformer and every prompt is sampled
-again with the same per-seed noise, so each base/LoRA pair differs only by the adapter.
+again with the same per-seed noise, so each base/LoRA pair differs only by the adapter. Training
+checkpoints named in `evaluate.checkpoints` (model `checkpoint-N`) are sampled the same way, with
+their LoRA weights (train.py's `<train output>/checkpoints/checkpoint-N/lora.safetensors`, found
+beside the adapter folder) loaded into the applied adapter.
 
     <output_dir>/images/<model>/<index:03d>-seed<seed>.png    one image per prompt x model x seed
-    <output_dir>/grids/<index:03d>.png                        base | LoRA, one row per seed
+    <output_dir>/grids/<index:03d>.png                        base | checkpoints | LoRA, a row per seed
     <output_dir>/results.jsonl                                one contracts.RESULT_FIELDS row per image
-    <output_dir>/metrics.json, report.md                      style shift (tasks/style_metrics.py)
+    <output_dir>/metrics.json, report.md                      style shift (tasks/style_metrics.py),
+                                                              per model name as in results' `model`
     <output_dir>/done.json                                    written last: a re-run is a cache hit
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from prefect import get_run_logger, task
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from configs import RunConfig
@@ -37,14 +42,29 @@ from tasks.lora import PEFT_CONFIG, PEFT_WEIGHTS, apply_lora
 from tasks.style_metrics import style_shift
 from tasks.workdir import WorkDir
 
-MODELS = ("base", "lora")
 LINEAGE_FIELDS = (
     "run_id", "dataset_repo", "dataset_commit", "caption_model", "caption_prompt_hash",
     "lora_path", "lora_rank", "lora_alpha", "config_hash", "code_version",
 )  # fmt: skip
 ADAPTER_FILES = (PEFT_WEIGHTS, PEFT_CONFIG)  # what apply_lora loads
-# Training latents decoded for the colour reference; the mean colour settles long before this.
+# Training latents decoded for the colour and CLIP references; the means settle long before this.
 MAX_COLOR_REFERENCE = 64
+CHECKPOINT_WEIGHTS = "lora.safetensors"  # in train.py's checkpoint-<step>/ folders
+
+
+def model_names(config: RunConfig) -> list[str]:
+    """Every sampled model in training order: base, the checkpoints asked for, the final LoRA."""
+    return ["base", *(f"checkpoint-{n}" for n in sorted(set(config.evaluate.checkpoints))), "lora"]
+
+
+def checkpoint_file(adapter_dir: str | Path, step: int) -> Path:
+    path = Path(adapter_dir).parent / "checkpoints" / f"checkpoint-{step}" / CHECKPOINT_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent}: no training checkpoint for evaluate.checkpoints step {step} (does "
+            "train.checkpointing_steps divide it, and does checkpoints_total_limit keep it?)"
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config:
     return content_key(
         prompts=read_table(Path(prompt_set_path), PROMPT_SET).to_pylist(),
         adapter={name: _file_sha256(_adapter_file(adapter_dir, name)) for name in ADAPTER_FILES},
+        checkpoints={n: _file_sha256(checkpoint_file(adapter_dir, n)) for n in sorted(config.evaluate.checkpoints)},
         evaluate=config.evaluate.model_dump(mode="json", exclude={"prompts_file", "style_template"}),
         pixart=config.models.pixart,
         resolution=config.embed.resolution,
@@ -74,13 +95,26 @@ def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config:
 # ---- inputs ----------------------------------------------------------------------------------
 
 
-def load_train_latents(train_set_path: str | Path, latent_cache: str | Path) -> np.ndarray:
-    """The training images' cached latent means (unscaled), [n, channels, height, width]."""
+def load_train_latents(train_set_path: str | Path, latent_cache: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The training images' cached VAE posteriors (mean, std), unscaled, [n, channels, height, width]."""
     keys = read_table(Path(train_set_path), TRAIN_SET).column("latent_key").to_pylist()
     if not keys:
         raise ValueError(f"{train_set_path}: no training rows to compare the samples with")
-    means, _ = load_latent_dist(Path(latent_cache), keys)
-    return means.numpy()
+    means, stds = load_latent_dist(Path(latent_cache), keys)
+    return means.numpy(), stds.numpy()
+
+
+def load_checkpoint_weights(transformer, path: Path) -> None:
+    """Put a training checkpoint's LoRA weights into the applied adapter (same parameter names)."""
+    weights = load_file(path)
+    params = dict(transformer.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    missing = sorted(n for n in params if "lora_" in n and n not in weights)
+    if unknown or missing:
+        raise ValueError(f"{path}: does not fit the applied adapter (unknown {unknown[:2]}, missing {missing[:2]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -146,11 +180,33 @@ def decode_images(vae, latents: torch.Tensor, batch_size: int) -> np.ndarray:
     return np.concatenate(arrays)
 
 
+@torch.no_grad()
+def clip_embeddings(model, processor, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """CLIP image embeddings [n, d] of uint8 images [n, height, width, 3]."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor(images=[Image.fromarray(a) for a in images[start : start + batch_size]], return_tensors="pt")
+        output = model.get_image_features(pixel_values=pixels["pixel_values"].to(model.device, model.dtype))
+        features = output if torch.is_tensor(output) else output.pooler_output  # transformers 5: an output
+        chunks.append(features.float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+@dataclass
+class Samples:
+    latents: dict[str, np.ndarray]  # model name -> final latents (scaled) [n, c, h, w]
+    images: dict[str, np.ndarray]  # model name -> uint8 [n, height, width, 3]
+    train_means: np.ndarray  # scaled, like the latents
+    train_stds: np.ndarray
+    train_images: np.ndarray  # decoded training means, the colour and CLIP reference
+    clip: dict[str, np.ndarray] | None  # model name (and 'train') -> CLIP image embeddings
+
+
 def sample_all(
     prompts: list[dict], text_cache, latent_cache, train_set_path, empty_text_key: str, adapter_dir: Path,
     config: RunConfig,
-) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
-    """(latents per model, images per model, training latents, decoded training images)."""
+) -> Samples:  # fmt: skip
+    """Sample every model of model_names(config) for every prompt x seed; decode; embed with CLIP."""
     device, dtype = model_loading.pick_device(config.device), model_loading.DTYPES[config.dtype]
     transformer = model_loading.load_transformer(config.models, dtype, device)
     vae = model_loading.load_vae(config.models, dtype, device)
@@ -162,11 +218,11 @@ def sample_all(
             f"expects {transformer.config.caption_channels} (another text encoder?)"
         )
     pipe = build_pipeline(transformer, vae, config)
-    train_latents = load_train_latents(train_set_path, latent_cache) * vae.config.scaling_factor
+    means, stds = (a * vae.config.scaling_factor for a in load_train_latents(train_set_path, latent_cache))
     side = config.embed.resolution // pipe.vae_scale_factor
-    if train_latents.shape[1:] != (transformer.config.in_channels, side, side):
+    if means.shape[1:] != (transformer.config.in_channels, side, side):
         raise ValueError(
-            f"{latent_cache}: training latents are {list(train_latents.shape[1:])}, samples will be "
+            f"{latent_cache}: training latents are {list(means.shape[1:])}, samples will be "
             f"{[transformer.config.in_channels, side, side]}; were they embedded at another resolution?"
         )
 
@@ -174,25 +230,35 @@ def sample_all(
     latents = {"base": generate_latents(pipe, embeds, mask, items, config, "sampling base")}
     apply_lora(pipe, adapter_dir, scale=1.0)  # in place: the same transformer, now with the adapter
     latents["lora"] = generate_latents(pipe, embeds, mask, items, config, "sampling LoRA")
+    for step in sorted(set(config.evaluate.checkpoints)):  # the same adapter, earlier weights
+        load_checkpoint_weights(transformer, checkpoint_file(adapter_dir, step))
+        latents[f"checkpoint-{step}"] = generate_latents(pipe, embeds, mask, items, config, f"sampling step {step}")
     batch_size = config.evaluate.batch_size
-    images = {model: decode_images(vae, latents[model], batch_size) for model in MODELS}
-    reference = torch.from_numpy(train_latents[:MAX_COLOR_REFERENCE])
-    train_images = decode_images(vae, reference, batch_size)
+    images = {model: decode_images(vae, latents[model], batch_size) for model in latents}
+    train_images = decode_images(vae, torch.from_numpy(means[:MAX_COLOR_REFERENCE]), batch_size)
     del pipe, transformer, vae
     model_loading.release()
-    return latents, images, train_latents, train_images
+    clip = None
+    if config.evaluate.clip_model:
+        model, processor = model_loading.load_clip(config.evaluate.clip_model, dtype, device)
+        clip = {name: clip_embeddings(model, processor, imgs, batch_size) for name, imgs in images.items()}
+        clip["train"] = clip_embeddings(model, processor, train_images, batch_size)
+        del model
+        model_loading.release()
+    latents = {name: value.numpy() for name, value in latents.items()}
+    return Samples(latents, images, means, stds, train_images, clip)
 
 
 # ---- outputs ---------------------------------------------------------------------------------
 
 
-def grid_image(base: list[np.ndarray], lora: list[np.ndarray]) -> Image.Image:
-    """Base in the left column, LoRA in the right, one row per seed."""
-    height, width = base[0].shape[:2]
-    grid = Image.new("RGB", (2 * width, len(base) * height))
-    for row, (left, right) in enumerate(zip(base, lora, strict=True)):
-        grid.paste(Image.fromarray(left), (0, row * height))
-        grid.paste(Image.fromarray(right), (width, row * height))
+def grid_image(columns: list[list[np.ndarray]]) -> Image.Image:
+    """One column per model (base first, LoRA last), one row per seed."""
+    height, width = columns[0][0].shape[:2]
+    grid = Image.new("RGB", (len(columns) * width, len(columns[0]) * height))
+    for col, images in enumerate(columns):
+        for row, image in enumerate(images):
+            grid.paste(Image.fromarray(image), (col * width, row * height))
     return grid
 
 
@@ -204,7 +270,7 @@ def result_rows(prompts: list[dict], config: RunConfig, lineage: dict, created_a
     settings, size = config.evaluate, config.embed.resolution
     rows = []
     for index, prompt in enumerate(prompts):
-        for model in MODELS:
+        for model in model_names(config):
             for seed in settings.seeds:
                 values = {
                     "prompt": prompt["prompt"], "styled_prompt": prompt["styled_prompt"], "model": model,
@@ -219,6 +285,8 @@ def result_rows(prompts: list[dict], config: RunConfig, lineage: dict, created_a
 def render_report(prompts: list[dict], config: RunConfig, lineage: dict, metrics: dict) -> str:
     settings, m = config.evaluate, metrics
     seeds = ", ".join(str(s) for s in settings.seeds)
+    names = model_names(config)
+    clip = "clip_similarity" in m["models"]["base"]
     lines = [
         "# Evaluation: base vs LoRA",
         "",
@@ -232,20 +300,26 @@ def render_report(prompts: list[dict], config: RunConfig, lineage: dict, metrics
         f"| seeds | {seeds} |",
         f"| size | {config.embed.resolution} px, {config.dtype} |",
         "",
-        "## Style shift (lower is closer to the training images)",
+        "## Style shift (distance to the training images; lower is closer)",
         "",
-        "| metric | base | LoRA |",
-        "| --- | --- | --- |",
-        f"| latent Frechet distance (diagonal) | {m['latent_fd_base']:.4g} | {m['latent_fd_lora']:.4g} |",
-        f"| colour distance (0-255) | {m['color_distance_base']:.2f} | {m['color_distance_lora']:.2f} |",
-        f"| mean RGB (training: {m['mean_rgb_train']}) | {m['mean_rgb_base']} | {m['mean_rgb_lora']} |",
+        "| model | latent Frechet distance (diagonal) | colour distance (0-255) | mean RGB |"
+        + (f" CLIP similarity ({settings.clip_model}; higher is closer) |" if clip else ""),
+        "| --- | --- | --- | --- |" + (" --- |" if clip else ""),
+    ]
+    for name in names:
+        row = m["models"][name]
+        cells = [name, f"{row['latent_fd']:.4g}", f"{row['color_distance']:.2f}", str(row["mean_rgb"])]
+        cells += [f"{row['clip_similarity']:.4f}"] if clip else []
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
         "",
+        f"Training images' mean RGB: {m['mean_rgb_train']}.",
         f"latent_fd_ratio (base / LoRA) = {m['latent_fd_ratio']:.3f}; above 1 means the LoRA moved",
-        "samples toward the training style. How both are measured: tasks/style_metrics.py.",
+        "samples toward the training style. How each is measured: tasks/style_metrics.py.",
         "",
         "## Prompts",
         "",
-        "| # | category | styled prompt | base \\| LoRA |",
+        "| # | category | styled prompt | " + " \\| ".join(names) + " |",
         "| --- | --- | --- | --- |",
     ]
     for index, prompt in enumerate(prompts):
@@ -258,15 +332,15 @@ def _write_outputs(
     output_dir: Path, prompts: list[dict], images: dict[str, np.ndarray], metrics: dict, config: RunConfig,
     lineage: dict,
 ) -> EvalResult:  # fmt: skip
-    seeds = config.evaluate.seeds
+    seeds, names = config.evaluate.seeds, model_names(config)
     grid_paths = []
     for index in range(len(prompts)):
         rows = range(index * len(seeds), (index + 1) * len(seeds))  # sample order: prompt-major
-        for model in MODELS:
+        for model in names:
             for row, seed in zip(rows, seeds, strict=True):
                 image = Image.fromarray(images[model][row])
                 _write_png(output_dir / image_relpath(model, index, seed), image)
-        grid = grid_image([images["base"][r] for r in rows], [images["lora"][r] for r in rows])
+        grid = grid_image([[images[model][r] for r in rows] for model in names])
         grid_paths.append(_write_png(output_dir / "grids" / f"{index:03d}.png", grid))
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     rows = result_rows(prompts, config, lineage, created_at)
@@ -335,14 +409,13 @@ def evaluate(
     if not prompts:
         raise ValueError(f"{prompt_set_path}: no prompts to evaluate")
 
-    latents, images, train_latents, train_images = sample_all(
-        prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config
-    )
+    for step in config.evaluate.checkpoints:  # before any sampling: a missing one fails fast
+        checkpoint_file(adapter_dir, step)
+    samples = sample_all(prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config)
     metrics = style_shift(
-        latents["base"].numpy(), latents["lora"].numpy(), train_latents,
-        images["base"], images["lora"], train_images,
-    )  # fmt: skip
-    result = _write_outputs(output_dir, prompts, images, metrics, config, lineage)
+        samples.latents, samples.images, samples.train_means, samples.train_stds, samples.train_images, samples.clip
+    )
+    result = _write_outputs(output_dir, prompts, samples.images, metrics, config, lineage)
     _write_done(output_dir, result)  # last: its presence means everything above is complete
     return result
 

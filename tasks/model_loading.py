@@ -166,6 +166,16 @@ def load_captioner(
     return model.eval().requires_grad_(False), processor
 
 
+def load_clip(name: str, dtype: torch.dtype, device: torch.device):
+    """(CLIPModel, image processor) for the style metric's image embeddings (evaluate.clip_model)."""
+    from transformers import AutoImageProcessor, CLIPModel
+
+    path = resolve_model(name)
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device).eval().requires_grad_(False), processor
+
+
 def release() -> None:
     """Give freed GPU memory back; call after dropping the last reference to a stage's models."""
     gc.collect()

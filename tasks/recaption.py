@@ -31,6 +31,9 @@ from tasks.workdir import WorkDir
 GREEDY = {"do_sample": False, "num_beams": 1}
 # The retry for a degenerate caption: still deterministic, but pushed off the loop it fell into.
 RETRY = {**GREEDY, "repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
+# recaption.static_cache: a preallocated KV cache, which lets generate compile its decode step.
+# It changes speed, not the greedy tokens, so it stays out of the decoding settings in the cache key.
+STATIC_CACHE = {"cache_implementation": "static"}
 # Part of every cache key: bump it when clean_caption or is_degenerate change, since cached
 # captions were cleaned and flagged by the old rules.
 RECIPE_VERSION = "1"
@@ -131,15 +134,35 @@ def generate_captions(
 
 
 def caption_batch(
-    model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int
+    model,
+    processor,
+    images: list[Image.Image],
+    prompts: list[str],
+    max_new_tokens: int,
+    static_batch: int | None = None,
 ) -> list[tuple[str, bool]]:
-    """(caption, flagged) per image: greedy first, one retry with RETRY for degenerate ones."""
-    captions = generate_captions(model, processor, images, prompts, max_new_tokens, GREEDY)
+    """(caption, flagged) per image: greedy first, one retry with RETRY for degenerate ones.
+
+    With `static_batch` (recaption.static_cache), every generate call uses a static cache and
+    exactly that many images, the last one repeated as filler, so the decode step compiled for
+    the first batch serves a shorter last batch and the retries too."""
+
+    def generate(indices: list[int], decoding: dict) -> list[str]:
+        batch_images, batch_prompts = [images[i] for i in indices], [prompts[i] for i in indices]
+        if static_batch is not None:
+            if len(indices) > static_batch:
+                raise ValueError(f"{len(indices)} images do not fit a static batch of {static_batch}")
+            filler = static_batch - len(indices)
+            batch_images += batch_images[-1:] * filler
+            batch_prompts += batch_prompts[-1:] * filler
+            decoding = {**decoding, **STATIC_CACHE}
+        captions = generate_captions(model, processor, batch_images, batch_prompts, max_new_tokens, decoding)
+        return captions[: len(indices)]
+
+    captions = generate(list(range(len(images))), GREEDY)
     retry = [i for i, caption in enumerate(captions) if is_degenerate(caption)]
     if retry:
-        again = generate_captions(
-            model, processor, [images[i] for i in retry], [prompts[i] for i in retry], max_new_tokens, RETRY
-        )
+        again = generate(retry, RETRY)
         for i, caption in zip(retry, again, strict=True):
             captions[i] = caption
     return [(caption, is_degenerate(caption)) for caption in captions]
@@ -198,7 +221,8 @@ def _generate_into_cache(
         for number, batch in enumerate(tqdm(batches, desc="recaption", unit="batch"), start=1):
             images = [load_rgb(row["image_path"]) for row in batch]
             prompts = [row["prompt"] for row in batch]
-            results = caption_batch(model, processor, images, prompts, cfg.max_new_tokens)
+            static_batch = cfg.batch_size if cfg.static_cache else None
+            results = caption_batch(model, processor, images, prompts, cfg.max_new_tokens, static_batch)
             for row, (caption, flagged) in zip(batch, results, strict=True):
                 pending.append(
                     {"key": row["key"], "image_id": row["image_id"], "model_id": models.llava,

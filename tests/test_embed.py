@@ -82,6 +82,24 @@ def test_cached_text_embeddings_equal_fresh_computation(tmp_path):
     assert not embeds[~valid].any()  # padding is zeros
 
 
+def test_compiled_text_encoder_gives_the_same_embeddings(tmp_path, monkeypatch):
+    compiled, original = [], embed.compile_text_encoder
+
+    def eager_backend(model):  # dynamo's capture without inductor's C++/Triton toolchain
+        original(model, backend="eager")
+        compiled.extend(block._compiled_call_impl is not None for block in model.encoder.block)
+
+    monkeypatch.setattr(embed, "compile_text_encoder", eager_backend)
+    plain_keys = embed_texts(TEXTS, MODELS, EmbedConfig(batch_size=2), tmp_path / "plain", CPU, F32)
+    keys = embed_texts(TEXTS, MODELS, EmbedConfig(batch_size=2, compile=True), tmp_path / "compiled", CPU, F32)
+    assert compiled and all(compiled)
+    assert keys == plain_keys  # compiling changes speed, not the cache key
+    plain, plain_mask = load_text_embeddings(tmp_path / "plain", keys, 120)
+    fast, mask = load_text_embeddings(tmp_path / "compiled", keys, 120)
+    assert torch.equal(mask, plain_mask)  # only the valid tokens are stored, padded or not
+    torch.testing.assert_close(fast, plain)
+
+
 def test_load_text_embeddings_pads_back_to_max_length(tmp_path):
     keys = embed_texts(["a teal star", ""], MODELS, EmbedConfig(), tmp_path, CPU, F32)
     table = contracts.read_table(next(tmp_path.glob("shard-*.parquet")), contracts.TEXT_EMBEDDINGS)

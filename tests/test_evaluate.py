@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from configs import CONFIG_DIR, load_config
 from tasks import model_loading
@@ -19,7 +20,7 @@ from tasks.cache import ShardedCache, content_key
 from tasks.contracts import LATENTS, PROMPT_SET, RESULT_FIELDS, TEXT_EMBEDDINGS, TRAIN_SET, write_table
 from tasks.evaluate import LINEAGE_FIELDS, evaluate, evaluate_task, evaluation_key
 from tasks.lora import ADAPTER_NAME, save_adapter
-from tasks.style_metrics import frechet_distance_diagonal, style_shift
+from tasks.style_metrics import frechet_distance_diagonal, frechet_to_reference, posterior_mixture, style_shift
 
 PROMPTS = [("a red circle", "shapes"), ("a teal fish | outlined", None)]
 SEEDS = [0, 1]
@@ -76,6 +77,12 @@ def inputs(tiny_models, tmp_path_factory) -> dict:
             if "lora_B" in name:  # zero at init: the adapter would change nothing
                 param.normal_(0.0, 0.3)
     save_adapter(transformer, root / "adapter", base_model=config.models.pixart)
+    # Training checkpoints as train.py writes them (trainable parameters by name): step 100 with the
+    # LoRA's B still zero (the base model's outputs), step 200 with the final weights.
+    lora = {n: p.detach().clone() for n, p in transformer.named_parameters() if "lora_" in n}
+    for step, weights in ((100, {n: 0 * v if "lora_B" in n else v for n, v in lora.items()}), (200, lora)):
+        (root / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(weights, root / "checkpoints" / f"checkpoint-{step}" / "lora.safetensors")
     return {
         "prompt_set_path": root / "prompt_set.parquet", "train_set_path": root / "train_set.parquet",
         "text_cache": root / "text", "latent_cache": root / "latents",
@@ -176,6 +183,54 @@ def test_key_follows_the_settings(inputs):
     assert evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], moved) == key
 
 
+def _tiny_clip(folder: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_checkpoints_and_clip_similarity(inputs, first_run, tmp_path):
+    config = inputs["config"].model_copy(deep=True)
+    config.evaluate.checkpoints = [200, 100]
+    config.evaluate.clip_model = str(_tiny_clip(tmp_path / "clip"))
+    result = evaluate(**(inputs | {"config": config}), output_dir=tmp_path / "out", lineage=LINEAGE)
+    rows = [json.loads(line) for line in result.results_path.read_text().splitlines()]
+    models = ["base", "checkpoint-100", "checkpoint-200", "lora"]
+    assert [r["model"] for r in rows[: 4 * len(SEEDS)]] == [m for m in models for _ in SEEDS]
+    out = tmp_path / "out"
+    for seed in SEEDS:  # zero-B step 100 is the base model; step 200 holds the final weights
+        base, lora = (_pixels(first_run[1] / f"images/{m}/001-seed{seed}.png") for m in ("base", "lora"))
+        assert np.array_equal(_pixels(out / f"images/checkpoint-100/001-seed{seed}.png"), base)
+        assert np.array_equal(_pixels(out / f"images/checkpoint-200/001-seed{seed}.png"), lora)
+    assert _pixels(result.grid_paths[0]).shape == (64 * len(SEEDS), 4 * 64, 3)
+    metrics = result.metrics
+    assert list(metrics["models"]) == ["base", "lora", "checkpoint-100", "checkpoint-200"]
+    assert metrics["models"]["checkpoint-100"]["latent_fd"] == pytest.approx(metrics["latent_fd_base"])
+    assert metrics["models"]["checkpoint-200"]["latent_fd"] == pytest.approx(metrics["latent_fd_lora"])
+    for name in models:
+        assert -1 <= metrics["models"][name]["clip_similarity"] <= 1
+    assert metrics["clip_similarity_lora"] == metrics["models"]["lora"]["clip_similarity"]
+    report = result.report_path.read_text()
+    assert "| checkpoint-100 |" in report and "CLIP similarity" in report
+
+
+def test_a_missing_checkpoint_fails_before_sampling(inputs, tmp_path, monkeypatch):
+    config = inputs["config"].model_copy(deep=True)
+    config.evaluate.checkpoints = [300]
+    config.train.max_steps = 300
+    monkeypatch.setattr(model_loading, "load_transformer", lambda *a: pytest.fail("sampled anyway"))
+    with pytest.raises(FileNotFoundError, match="checkpoint-300: no training checkpoint"):
+        evaluate(**(inputs | {"config": config}), output_dir=tmp_path, lineage=LINEAGE)
+
+
 def test_bad_lineage_is_refused_before_any_work(inputs, tmp_path):
     with pytest.raises(ValueError, match=r"missing fields \['run_id'\]"):
         evaluate(**inputs, output_dir=tmp_path, lineage={k: v for k, v in LINEAGE.items() if k != "run_id"})
@@ -199,7 +254,27 @@ def test_style_shift_colour_distance():
     train_images = np.full((2, 8, 8, 3), (200, 100, 50), dtype=np.uint8)
     near = np.full((1, 8, 8, 3), (190, 100, 50), dtype=np.uint8)  # 10 off in one channel
     far = np.full((1, 8, 8, 3), (0, 0, 0), dtype=np.uint8)
-    metrics = style_shift(latents[:1] + 3, latents[:1], latents, far, near, train_images)
+    metrics = style_shift(
+        {"base": latents[:1] + 3, "lora": latents[:1]}, {"base": far, "lora": near}, latents, 0 * latents,
+        train_images,
+    )  # fmt: skip
     assert metrics["color_distance_lora"] == pytest.approx(10 / 3)
     assert metrics["color_distance_base"] == pytest.approx(350 / 3)
     assert metrics["latent_fd_ratio"] > 1 and metrics["mean_rgb_train"] == [200.0, 100.0, 50.0]
+    assert metrics["models"]["lora"]["color_distance"] == metrics["color_distance_lora"]
+
+
+def test_reference_is_the_posterior_mixture_training_samples_from():
+    """Samples drawn like training draws them (mean + std * noise) are at distance ~0; the bare
+    means, which lack the posterior spread, are not."""
+    rng = np.random.default_rng(2)
+    means = rng.standard_normal((32, 4, 8, 8)) * 0.2
+    stds = np.full_like(means, 1.0)
+    mu, sd = posterior_mixture(means, stds)
+    assert sd.mean() == pytest.approx(np.sqrt(1.0 + 0.04), rel=0.05)
+    drawn = means[rng.integers(0, 32, 4000)] + stds[:1] * rng.standard_normal((4000, 4, 8, 8))
+    assert frechet_to_reference(drawn, mu, sd) < 0.1 * frechet_to_reference(means, mu, sd)
+    # With zero std the mixture is the set of means: the plain two-set distance.
+    assert frechet_to_reference(means[:8], *posterior_mixture(means, 0 * stds)) == pytest.approx(
+        frechet_distance_diagonal(means[:8], means)
+    )

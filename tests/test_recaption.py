@@ -179,6 +179,29 @@ def test_batched_captions_equal_one_at_a_time(tiny_models, tmp_path):
     assert [row["image_id"] for row in rows] == manifest.column("image_id").to_pylist()
 
 
+def test_static_cache_gives_the_same_captions_and_cache_keys(tiny_models, tmp_path, monkeypatch):
+    manifest, cfg = _manifest(0, 5), RecaptionConfig(batch_size=4, max_new_tokens=8)
+    plain = caption_images(manifest, cfg, MODELS, CPU, F32, tmp_path / "plain")
+    calls, real = [], recaption.generate_captions
+
+    def spy(model, processor, images, prompts, max_new_tokens, decoding):
+        calls.append((len(images), decoding))
+        return real(model, processor, images, prompts, max_new_tokens, decoding)
+
+    monkeypatch.setattr(recaption, "generate_captions", spy)
+    static_cfg = cfg.model_copy(update={"static_cache": True})
+    static = caption_images(manifest, static_cfg, MODELS, CPU, F32, tmp_path / "static")
+    assert static.generated == 5 and static.table.equals(plain.table)
+    # Every call fills the whole batch (the last batch has one image, the retries fewer).
+    assert len(calls) >= 2 and {n for n, _ in calls} == {4}
+    assert calls[0][1] == {**GREEDY, "cache_implementation": "static"}
+    assert all(decoding["cache_implementation"] == "static" for _, decoding in calls)
+    # Same cache keys: the static run finds everything the plain run cached.
+    with monkeypatch.context() as patch:
+        _forbid_model_loading(patch)
+        assert caption_images(manifest, static_cfg, MODELS, CPU, F32, tmp_path / "plain").generated == 0
+
+
 def test_cache_generates_only_what_is_missing(tiny_models, tmp_path, monkeypatch):
     cache_dir = tmp_path / "captions"
     cfg = RecaptionConfig(batch_size=4, max_new_tokens=6)

@@ -7,10 +7,8 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,88 +17,17 @@ import pytest
 import yaml
 
 from configs import CONFIG_DIR, load_config, parse_config
-from flows.serve import image_server, read_info
+from flows.serve import image_server
+from tests import serve_harness as harness
+from tests.serve_harness import CRON, ROOT, call, create_run, run_artifacts, wait_for_state
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGE_OF_TASK = {"pull": "pull", "recaption": "recaption", "embed": "embed", "train-lora": "train",
                  "evaluate": "evaluate", "push": "push"}  # fmt: skip
-CRON = "0 3 * * *"
-
-
-def fast_config(path: Path, run_name: str) -> dict:
-    """The demo config, cut to seconds of CPU: 10 training steps, 4 sampling steps."""
-    data = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
-    data["run_name"] = run_name
-    data["train"]["max_steps"] = 10
-    data["evaluate"]["num_inference_steps"] = 4
-    data["recaption"]["schedule"] = CRON
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return data
-
-
-def start_serve(config_path: Path, workdir: Path, env: dict, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "flows.cli", "serve", str(config_path), "--workdir", str(workdir),
-               "--image-port", "0"]  # fmt: skip
-    env = {**env, "OMP_NUM_THREADS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_for_serve(process: subprocess.Popen, workdir: Path, log_path: Path, timeout_s: float = 240) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        info = read_info(workdir)
-        if info is not None:
-            return info
-        time.sleep(1)
-    raise AssertionError(f"serve did not start within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_serve(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)  # serve stops its runner, image server and any local server
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def create_run(api: str, deployment: str, parameters: dict | None = None) -> str:
-    deployment_id = httpx.get(f"{api}/deployments/name/{deployment}").json()["id"]
-    response = httpx.post(
-        f"{api}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters or {}}
-    )
-    response.raise_for_status()
-    return response.json()["id"]
-
-
-def wait_for_state(api: str, run_id: str, name: str, log_path: Path, timeout_s: float = 300) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
-        state = run["state"]
-        if state["name"] == name:
-            return run
-        if state["type"] in ("FAILED", "CRASHED", "CANCELLED"):
-            raise AssertionError(
-                f"run {run_id} {state['name']}: {state['message']}\n{log_path.read_text()[-3000:]}"
-            )
-        time.sleep(1)
-    raise AssertionError(f"run {run_id} not {name} within {timeout_s:.0f} s\n{log_path.read_text()[-3000:]}")
 
 
 def stage_states(api: str, run_id: str) -> dict[str, str]:
-    task_runs = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    task_runs = call("POST", f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
     return {STAGE_OF_TASK[t["name"].rsplit("-", 1)[0]]: t["state"]["name"] for t in task_runs}
-
-
-def run_artifacts(api: str, run_id: str) -> dict[str, dict]:
-    found = httpx.post(
-        f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
-    ).json()
-    return {a["key"]: a for a in found}
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +39,13 @@ def served(tmp_path_factory, prefect_server, tiny_models):
 
     api = PREFECT_API_URL.value()
     root = tmp_path_factory.mktemp("serve")
-    config = fast_config(root / "fast.yaml", "served")
+    config = harness.fast_config(root / "fast.yaml", "served")
     workdir, log_path = root / "work", root / "serve.log"
-    process = start_serve(root / "fast.yaml", workdir, {**os.environ, "PREFECT_API_URL": api}, log_path)
+    process = harness.start_serve(
+        root / "fast.yaml", workdir, {**os.environ, "PREFECT_API_URL": api}, log_path
+    )
     try:
-        info = wait_for_serve(process, workdir, log_path)
+        info = harness.wait_for_serve(process, workdir, log_path)
         runs = {"first": create_run(api, "style-run/style-run")}
         wait_for_state(api, runs["first"], "Completed", log_path)
         runs["again"] = create_run(api, "style-run/style-run")
@@ -137,22 +66,22 @@ def served(tmp_path_factory, prefect_server, tiny_models):
             "log": log_path,
         }
     finally:
-        stop_serve(process)
+        harness.stop_serve(process)
 
 
 def test_deployments_carry_the_config_as_a_typed_form_and_the_cron(served):
     api = served["api"]
-    style = httpx.get(f"{api}/deployments/name/style-run/style-run").json()
+    style = call("GET", f"{api}/deployments/name/style-run/style-run").json()
     expected = load_config(served["workdir"].parent / "fast.yaml").model_dump(mode="json")
     assert style["parameters"] == {"config": expected, "workdir": str(served["workdir"])}
     schema = style["parameter_openapi_schema"]
     assert schema["properties"]["config"]["$ref"].endswith("RunConfig")  # the UI renders RunConfig's fields
     assert "train" in schema["definitions"]["RunConfig"]["properties"]
 
-    recaption = httpx.get(f"{api}/deployments/name/recaption/recaption").json()
+    recaption = call("GET", f"{api}/deployments/name/recaption/recaption").json()
     assert [s["schedule"]["cron"] for s in recaption["schedules"]] == [CRON]
     assert recaption["schedules"][0]["active"] and not recaption["paused"]
-    assert httpx.get(f"{api}/v2/concurrency_limits/gpu").json()["limit"] == 1
+    assert call("GET", f"{api}/v2/concurrency_limits/gpu").json()["limit"] == 1
 
 
 def test_style_run_from_the_api_completes_with_its_artifacts(served):
@@ -175,7 +104,7 @@ def test_style_run_from_the_api_completes_with_its_artifacts(served):
 def test_rerun_with_nothing_changed_is_all_cached_and_quick(served):
     api, again = served["api"], served["runs"]["again"]
     assert stage_states(api, again) == {stage: "Cached" for stage in STAGE_OF_TASK.values()}
-    assert httpx.get(f"{api}/flow_runs/{again}").json()["total_run_time"] < 30
+    assert call("GET", f"{api}/flow_runs/{again}").json()["total_run_time"] < 30
 
 
 def test_changing_a_train_setting_reruns_only_train_evaluate_and_push(served):
@@ -198,6 +127,7 @@ def test_runs_lists_recent_runs_with_their_results_commit(served):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Scheduled" not in result.stdout  # the recaption schedule's future runs are not "recent"
     lines = [line for line in result.stdout.splitlines() if "style-run" in line]
     assert len(lines) >= 3 and all("Completed" in line for line in lines[:3])
     commits = {json.loads(run_artifacts(served["api"], run)["served-results"]["data"])[0]["commit_id"]
@@ -230,7 +160,7 @@ def test_prefect_yaml_deploys_both_flows_to_both_pools(prefect_server):
     api = PREFECT_API_URL.value()
     for pool, kind in (("gpu-process", "process"), ("gpu-docker", "docker")):  # as `prefect work-pool create`
         pool_spec = {"name": pool, "type": kind, "base_job_template": asyncio.run(template(kind))}
-        response = httpx.post(f"{api}/work_pools/", json=pool_spec)
+        response = httpx.post(f"{api}/work_pools/", json=pool_spec, timeout=30)
         assert response.status_code in (201, 409), response.text
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
@@ -239,10 +169,30 @@ def test_prefect_yaml_deploys_both_flows_to_both_pools(prefect_server):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for flow in ("style-run", "recaption"):
         for pool in ("process", "docker"):
-            deployment = httpx.get(f"{api}/deployments/name/{flow}/{flow}-{pool}").json()
+            deployment = call("GET", f"{api}/deployments/name/{flow}/{flow}-{pool}").json()
             assert deployment["work_pool_name"] == f"gpu-{pool}"
             assert deployment["parameters"]["config"] == demo
-    docker = httpx.get(f"{api}/deployments/name/recaption/recaption-docker").json()
+    docker = call("GET", f"{api}/deployments/name/recaption/recaption-docker").json()
     assert docker["job_variables"]["image"] == "pixart-pipeline:latest"
     assert docker["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"
     assert [(s["schedule"]["cron"], s["active"]) for s in docker["schedules"]] == [(CRON, False)]
+
+
+def test_a_paused_recaption_schedule_stays_paused_when_serve_restarts(prefect_server, tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.serve import build_deployments
+
+    api = PREFECT_API_URL.value()
+    harness.fast_config(tmp_path / "fast.yaml", "paused")
+    config = load_config(tmp_path / "fast.yaml")
+    for deployment in build_deployments(config, tmp_path, paused=False):
+        deployment.apply()
+    recaption = call("GET", f"{api}/deployments/name/recaption/recaption").json()
+    call("POST", f"{api}/deployments/{recaption['id']}/pause_deployment")  # the UI's switch
+
+    restarted = {d.name: d for d in build_deployments(config, tmp_path, paused=False)}
+    assert restarted["recaption"].paused is True
+    restarted["recaption"].apply()
+    assert call("GET", f"{api}/deployments/name/recaption/recaption").json()["paused"] is True
+    call("POST", f"{api}/deployments/{recaption['id']}/resume_deployment")

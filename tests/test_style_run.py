@@ -46,7 +46,7 @@ def test_demo_run_pushes_results_with_lineage(demo_run):
         root = Path(pushed["repo"])
         rows = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
         prompts = (ROOT / "data" / "demo_eval_prompts.jsonl").read_text().splitlines()
-        assert len(rows) == 2 * len(prompts)
+        assert len(rows) == 2 * len(prompts) * len(load_config(CONFIG_DIR / "demo.yaml").evaluate.seeds)
         assert {row["model"] for row in rows} == {"base", "lora"}
         for row in rows:
             assert tuple(row) == RESULT_FIELDS
@@ -63,17 +63,16 @@ def test_demo_run_pushes_results_with_lineage(demo_run):
 def test_lora_moves_generated_latents_toward_the_style(demo_run):
     _, first, _ = demo_run
     metrics = json.loads(Path(first["summary"]).read_text())["stages"]["evaluate"]["metrics"]
-    assert metrics["latent_fd_lora"] < metrics["latent_fd_base"] / 2
+    assert metrics["latent_fd_ratio"] >= 10  # measured ~15 (tasks/style_metrics.py, configs/demo.yaml)
 
 
 def test_rerun_with_nothing_changed_recomputes_nothing(demo_run):
     _, first, second = demo_run
     assert second["run_id"] == first["run_id"]
     stages = json.loads(Path(second["summary"]).read_text())["stages"]
-    assert stages["recaption"]["generated"] == 0
-    assert stages["embed"]["texts_computed"] == 0 and stages["embed"]["latents_computed"] == 0
-    assert stages["train"]["cached"] is True
-    assert stages["evaluate"]["cached"] is True
+    # Every stage is a Prefect cache hit (flows/caching.py): its result is the first run's.
+    assert {name: stage["state"] for name, stage in stages.items()} == dict.fromkeys(stages, "Cached")
+    assert len(stages) == 6 and second["states"] == dict.fromkeys(stages, "Cached")
     assert second["results"]["commit_id"] == first["results"]["commit_id"]
 
 

@@ -302,6 +302,44 @@ def test_gradient_checkpointing_gives_the_same_steps(caches, tmp_path):
     assert checkpointed.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
 
 
+def test_compiled_blocks_give_the_same_steps(caches, tmp_path, monkeypatch):
+    import tasks.train as train_module
+
+    compiled, original = [], train_module.compile_blocks
+
+    def eager_backend(transformer):  # dynamo's capture without inductor's C++/Triton toolchain
+        original(transformer, backend="eager")
+        compiled.extend(block._compiled_call_impl is not None for block in transformer.transformer_blocks)
+
+    monkeypatch.setattr(train_module, "compile_blocks", eager_backend)
+    plain = run(caches, tmp_path / "plain", make_config(max_steps=2))
+    fast = run(caches, tmp_path / "compiled", make_config(max_steps=2, compile=True))
+    assert compiled and all(compiled)
+    for ra, rb in zip(log_of(tmp_path / "plain"), log_of(tmp_path / "compiled"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+    assert fast.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
+
+
+def test_train_set_moved_to_the_device_gives_the_same_batches():
+    from tasks.train import CachedTrainSet
+
+    n, generator = 6, torch.Generator().manual_seed(0)
+    mean, std = torch.randn(n, 4, 8, 8, generator=generator), torch.rand(n, 4, 8, 8, generator=generator)
+    data = CachedTrainSet(
+        [f"i{i}" for i in range(n)], torch.randn(n, 5, 16, generator=generator),
+        torch.ones(n, 5, dtype=torch.long), mean, std, (mean.flip(-1), std.flip(-1)),
+    )  # fmt: skip
+    moved = data.to(torch.device("cpu"), torch.bfloat16)
+    index, flip = torch.tensor([4, 1, 3]), torch.tensor([True, False, True])
+    cpu = torch.device("cpu")
+    expected, got = data.batch(index, flip, cpu), moved.batch(index, flip, cpu)
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], expected[0].to(torch.bfloat16))
+    for a, b in zip(expected[1:], got[1:], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got[2][0], mean[4].flip(-1)) and torch.equal(got[2][1], mean[1])
+
+
 def test_text_width_mismatch_names_the_problem(_train_home, tmp_path):
     write_caches(tmp_path, dim=7)
     with pytest.raises(ValueError, match="caption_channels"):

@@ -71,7 +71,9 @@ class Timers:
         self.total: dict[str, float] = {}
 
     def wrap(self, owner, name: str, label: str):
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:  # not in this version of the module
+            return None
 
         def timed_call(*args, **kwargs):
             start = time.perf_counter()
@@ -163,7 +165,16 @@ def bench_t5(report: Report) -> None:
                 ("compiled_dynamic_warm", True, project_compile, 1),
                 ("compiled_static16_cold", True, static_bucketed, 16),
                 ("compiled_static16_warm", True, static_bucketed, 16)]  # fmt: skip
+    if os.environ.get("BENCH_T5_STATIC") == "0":  # measured once (call 5); not needed again
+        variants = variants[:3]
+    if os.environ.get("BENCH_T5_BEFORE") == "1":  # the last commit's embed.py, eager, same call
+        variants = [("before_eager", False, None, 1), *variants, ("before_eager_again", False, None, 1),
+                    ("eager_again", False, None, 1)]  # fmt: skip
+    import embed_before
+
+    project_embed = embed
     for name, compile_on, compile_fn, pad_multiple in variants:
+        embed = embed_before if name.startswith("before") else project_embed
         if name.endswith("_cold"):
             torch._dynamo.reset()
         if compile_fn is not None:
@@ -171,8 +182,10 @@ def bench_t5(report: Report) -> None:
         tokenizer.pad_multiple = pad_multiple
         timers = Timers()
         originals = [(embed, "_encode_text_batch", timers.wrap(embed, "_encode_text_batch", "launch_s")),
-                     (embed, "_text_rows", timers.wrap(embed, "_text_rows", "rows_s")),
+                     (embed, "_text_table", timers.wrap(embed, "_text_table", "rows_s")),
                      (embed._ShardWriter, "write", timers.wrap(embed._ShardWriter, "write", "writer_main_thread_s")),
+                     (embed._ShardWriter, "close", timers.wrap(embed._ShardWriter, "close", "writer_close_s")),
+                     (model_loading, "release", timers.wrap(model_loading, "release", "release_s")),
                      (cache_module.ShardedCache, "write", timers.wrap(cache_module.ShardedCache, "write", "shard_write_bg_s"))]  # fmt: skip
         before = allocated_gib()
         graphs_before = counters["stats"]["unique_graphs"]
@@ -194,7 +207,8 @@ def bench_t5(report: Report) -> None:
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
         for owner, attr, original in originals:
-            setattr(owner, attr, original)
+            if original is not None:
+                setattr(owner, attr, original)
         embed.compile_text_encoder = project_compile
         tokenizer.pad_multiple = 1
         report.add(f"t5_project_b64_{name}", result)

@@ -218,10 +218,10 @@ class EvaluateConfig(Strict):
     sampler: Literal["dpm", "ddim"] = Field("dpm", description="'ddim' (with sample clipping) suits tiny models.")
     batch_size: int = Field(8, gt=0)
     checkpoints: list[int] = Field(
-        default_factory=list, description="Training steps whose checkpoints are also sampled, as 'checkpoint-N'."
+        default_factory=list, description="Training steps whose checkpoints are sampled too ('checkpoint-N')."
     )
     clip_model: str | None = Field(
-        None, description="CLIP hub id or folder for image-embedding similarity to the training set; off if unset."
+        None, description="CLIP hub id or folder: image-embedding similarity to the training set, if set."
     )
 
     @field_validator("style_template")

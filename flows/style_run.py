@@ -89,9 +89,17 @@ class RunBoard:
     def markdown(self, name: str, text: str, description: str) -> None:
         self.publish(create_markdown_artifact, key=self.key(name), markdown=text, description=description)
 
+    def can_show(self, path: Path) -> bool:
+        return self._image_url(path) is not None
+
+    def _image_url(self, path: Path) -> str | None:
+        # Set by `pixart-pipeline serve` for the runs it starts (flows/serve.py image_server).
+        return artifacts.image_url(
+            path, os.environ.get("PIXART_IMAGE_ROOT"), os.environ.get("PIXART_IMAGE_URL")
+        )
+
     def image(self, name: str, path: Path, description: str) -> None:
-        served = os.environ.get("PIXART_IMAGE_ROOT"), os.environ.get("PIXART_IMAGE_URL")
-        url = artifacts.image_url(path, *served)
+        url = self._image_url(path)
         if url is None:  # too large to inline, and no image server serves its folder
             self.markdown(name, f"Too large to show here: `{path}`", description)
         elif url.startswith("data:"):  # an image artifact prints its URL under the image: pages of base64
@@ -157,12 +165,16 @@ def publish_evaluation(run: RunBoard, config: RunConfig, run_id: str, run_dir: s
     """The base|LoRA grids on one sheet (a row per prompt) and the style-shift metric."""
     prompts = read_prompts(resolve_prompts_file(config.evaluate.prompts_file), config.evaluate.style_template)
     labels = [f"{i}. {p['prompt']}" for i, p in enumerate(prompts)]
-    grids = evaluated["grid_paths"]
-    if len(labels) == len(grids):
-        sheet = artifacts.grid_sheet(grids, labels, Path(run_dir) / "artifacts" / "lora-grid.png")
-        seeds = ", ".join(map(str, config.evaluate.seeds))
-        run.image("lora-grid", sheet, f"base | LoRA for {len(labels)} prompts, seeds {seeds}")
-    else:
+    grids, seeds = evaluated["grid_paths"], config.evaluate.seeds
+    if len(labels) != len(grids):
         run.logger.warning("%d grids for %d prompts: no grid sheet", len(grids), len(labels))
+    else:
+        folder = Path(run_dir) / "artifacts"
+        sheet = artifacts.grid_sheet(grids, labels, folder / "lora-grid.png")
+        title = f"base | LoRA for {len(labels)} prompts, seeds {', '.join(map(str, seeds))}"
+        if not run.can_show(sheet) and len(seeds) > 1:  # too large to inline, no image server: seed 0 only
+            sheet = artifacts.grid_sheet(grids, labels, folder / "lora-grid-seed0.png", rows=(1, len(seeds)))
+            title = f"base | LoRA for {len(labels)} prompts, seed {seeds[0]} (all seeds: results grids/)"
+        run.image("lora-grid", sheet, title)
     run.markdown("style-shift", artifacts.metrics_markdown(evaluated["metrics"], run_id),
                  "How far the LoRA moved samples toward the training style")  # fmt: skip

@@ -60,15 +60,26 @@ def _atomic_save(image: Image.Image, out_path: Path) -> Path:
     return out_path
 
 
-def grid_sheet(grid_paths: list[str | Path], labels: list[str], out_path: Path, min_width: int = 256) -> Path:
+def grid_sheet(
+    grid_paths: list[str | Path],
+    labels: list[str],
+    out_path: Path,
+    min_width: int = 256,
+    rows: tuple[int, int] | None = None,
+) -> Path:
     """All base|LoRA grids of an evaluation in one image: a row per prompt, its label above it.
 
-    Tiny grids (the demo's are 128x64) are enlarged by whole pixels so they stay sharp."""
+    Each grid has one row per seed; `rows=(keep, of)` keeps the first `keep` of its `of` rows (a
+    preview small enough to inline). Tiny grids (the demo's images are 64 px) are enlarged by whole
+    pixels so they stay sharp."""
     if not grid_paths:
         raise ValueError("no grids to put on the sheet")
     if len(labels) != len(grid_paths):
         raise ValueError(f"{len(labels)} labels for {len(grid_paths)} grids")
     grids = [Image.open(p).convert("RGB") for p in grid_paths]
+    if rows is not None:
+        keep, total = rows
+        grids = [g.crop((0, 0, g.width, g.height // total * keep)) for g in grids]
     scale = max(1, -(-min_width // max(g.width for g in grids)))
     grids = [g.resize((g.width * scale, g.height * scale), Image.Resampling.NEAREST) for g in grids]
     font, pad, label_h = _font(12), 6, 18

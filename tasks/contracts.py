@@ -198,13 +198,17 @@ def write_table(table: pa.Table, schema: pa.Schema, path: Path) -> Path:
     # Binary columns hold raw tensors: dictionary encoding, compression and min/max statistics
     # cost time and space and buy nothing there.
     plain = [f.name for f in schema if not pa.types.is_binary(f.type)]
-    pq.write_table(
-        table, tmp, use_dictionary=plain, write_statistics=plain,
-        compression={n: "snappy" if n in plain else "none" for n in schema.names},
-    )  # fmt: skip
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(
+            table, tmp, use_dictionary=plain, write_statistics=plain,
+            compression={n: "snappy" if n in plain else "none" for n in schema.names},
+        )  # fmt: skip
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
+        raise
     return path
 
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 EMPTY_TEXT = ""  # the unconditional caption for classifier-free guidance
 FLUSH_EVERY = 4  # batches per cache shard: a killed run keeps all but the last few batches
+WRITES_IN_FLIGHT = 2  # one T5 shard takes about as long to write as to compute (bench/RESULTS.md)
+BINARY_CHUNK_BYTES = 2**31 - 1  # the most one arrow binary array addresses (int32 offsets)
 LOADER_THREADS = min(8, os.cpu_count() or 1)  # image decoding overlaps the VAE (PIL releases the GIL)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Part of every latent key: changing how images are cropped must not reuse old latents.
@@ -105,31 +107,33 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 class _ShardWriter:
-    """Writes cache shards on a background thread, so the accelerator does not wait for parquet
-    and checksums; at most one shard is in flight. close() waits and re-raises a failed write."""
+    """Writes cache shards on background threads, so the accelerator does not wait for parquet,
+    checksums and fsync (they release the GIL); at most WRITES_IN_FLIGHT shards at a time.
+    close() waits for all and re-raises a failed write."""
 
     def __init__(self, cache: ShardedCache):
-        self.cache, self._pool = cache, ThreadPoolExecutor(1)
-        self._pending: Future | None = None
+        self.cache, self._pool = cache, ThreadPoolExecutor(WRITES_IN_FLIGHT)
+        self._pending: list[Future] = []
 
-    def write(self, rows: list[dict]) -> None:
-        """Hand `rows` over (the list is emptied) to be written as a shard."""
-        if rows:
-            self._wait()
-            self._pending = self._pool.submit(self._write, list(rows))
-            rows.clear()
+    def write(self, parts: list) -> None:
+        """Hand `parts` over (the list is emptied) to be written as one shard: row dicts, or
+        tables of the cache's schema."""
+        if parts:
+            while len(self._pending) >= WRITES_IN_FLIGHT:
+                self._pending.pop(0).result()
+            self._pending.append(self._pool.submit(self._write, list(parts)))
+            parts.clear()
 
-    def _write(self, rows: list[dict]) -> None:
-        self.cache.write(pa.Table.from_pylist(rows, schema=self.cache.schema))
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+    def _write(self, parts: list) -> None:
+        if isinstance(parts[0], pa.Table):
+            self.cache.write(pa.concat_tables(parts))
+        else:
+            self.cache.write(pa.Table.from_pylist(parts, schema=self.cache.schema))
 
     def close(self) -> None:
         try:
-            self._wait()
+            while self._pending:
+                self._pending.pop(0).result()
         finally:
             self._pool.shutdown()
 
@@ -161,7 +165,7 @@ def embed_texts(
     tokenizer, model = model_loading.load_text_encoder(models_cfg, dtype, device)
     if embed_cfg.compile:
         compile_text_encoder(model)
-    writer, rows = _ShardWriter(cache), []
+    writer, tables = _ShardWriter(cache), []
     queued: _QueuedTexts | None = None  # a batch still on the device; its rows are built one batch later
     try:
         # Similar lengths in one batch: padding to the batch's longest text wastes little.
@@ -175,17 +179,17 @@ def embed_texts(
             # The host turns the previous batch into rows while the device runs this one.
             if queued is not None:
                 finished, queued = queued, None
-                rows += _text_rows(finished)
+                tables.append(_text_table(finished))
                 if n % FLUSH_EVERY == 0:  # n batches finished
-                    writer.write(rows)
+                    writer.write(tables)
             queued = launched
         finished, queued = queued, None
-        rows += _text_rows(finished)
+        tables.append(_text_table(finished))
     finally:
         if queued is not None:  # computed before a later batch failed: keep it if it can be read
             with contextlib.suppress(Exception):
-                rows += _text_rows(queued)
-        writer.write(rows)  # finished batches are valid even when a later one failed
+                tables.append(_text_table(queued))
+        writer.write(tables)  # finished batches are valid even when a later one failed
         writer.close()
         del tokenizer, model
         model_loading.release()
@@ -218,7 +222,7 @@ class _QueuedTexts(NamedTuple):
 @torch.inference_mode()
 def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.device) -> _QueuedTexts:
     """Queue T5 on `batch` and the copy of its valid tokens to the host; returns without
-    waiting for a CUDA device. _text_rows then waits and builds the cache rows."""
+    waiting for a CUDA device. _text_table then waits and builds the cache rows."""
     tokens = tokenizer(
         [text for _, text in batch], padding="longest", truncation=True, max_length=max_length,
         return_tensors="pt",
@@ -227,11 +231,13 @@ def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.d
     # The valid tokens (whichever side was padded), picked by indices computed here, so the
     # gather on the device needs no sync; one transfer moves them all. Boolean-indexing every
     # row on the CPU instead took milliseconds per caption, longer than its share of T5.
+    # non_blocking: the inputs are staged at once and nothing here waits for earlier batches.
     index = mask.flatten().nonzero().squeeze(1)
     hidden = model(
-        input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        input_ids=tokens.input_ids.to(device, non_blocking=True),
+        attention_mask=tokens.attention_mask.to(device, non_blocking=True),
     ).last_hidden_state
-    valid = hidden.flatten(0, 1).index_select(0, index.to(device))
+    valid = hidden.flatten(0, 1).index_select(0, index.to(device, non_blocking=True))
     lengths = mask.sum(1).tolist()
     if device.type != "cuda":
         return _QueuedTexts(batch, lengths, valid.cpu(), None)
@@ -242,19 +248,36 @@ def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.d
     return _QueuedTexts(batch, lengths, host, copied)
 
 
-def _text_rows(queued: _QueuedTexts) -> list[dict]:
-    """TEXT_EMBEDDINGS rows of a queued batch, once its copy to the host has finished."""
+def _text_table(queued: _QueuedTexts) -> pa.Table:
+    """The TEXT_EMBEDDINGS rows of a queued batch, once its copy to the host has finished.
+
+    Each embedding is a slice of the batch's host buffer, not a copy: copying ~0.6 MB per
+    caption into bytes objects cost as much host time as T5 itself on the GPU."""
     if queued.copied is not None:
         queued.copied.synchronize()
-    rows = []
-    for (key, text), array in zip(queued.batch, queued.valid.split(queued.lengths), strict=True):
-        rows.append(
-            {
-                "key": key, "text": text, "length": array.shape[0], "dim": array.shape[1],
-                "dtype": dtype_name(array.dtype), "embedding": tensor_bytes(array),
-            }
-        )  # fmt: skip
-    return rows
+    valid, lengths = queued.valid, np.array(queued.lengths, dtype=np.int64)
+    # bfloat16 as its 16-bit patterns, as tensor_bytes stores it (numpy has no bfloat16).
+    values = (valid.view(torch.int16) if valid.dtype == torch.bfloat16 else valid).numpy()
+    row_bytes = valid.shape[1] * valid.element_size()
+    ends = np.cumsum(lengths) * row_bytes
+    # A batch larger than one binary array can address becomes several arrays.
+    chunks, first = [], 0
+    while first < len(lengths):
+        base = ends[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, base + BINARY_CHUNK_BYTES, side="right")))
+        offsets = np.concatenate([[0], ends[first:last] - base]).astype(np.int32)
+        data = pa.py_buffer(values.reshape(-1).view(np.uint8)[base : ends[last - 1]])
+        chunks.append(pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), data]))
+        first = last
+    keys, texts = zip(*queued.batch, strict=True)
+    columns = {
+        "key": pa.array(keys, pa.string()), "text": pa.array(texts, pa.string()),
+        "length": pa.array(lengths, pa.int32()), "dim": pa.array([valid.shape[1]] * len(lengths), pa.int32()),
+        "dtype": pa.array([dtype_name(valid.dtype)] * len(lengths), pa.string()),
+        "embedding": pa.chunked_array(chunks, pa.binary()),
+    }  # fmt: skip
+    schema = contracts.TEXT_EMBEDDINGS
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def load_text_embeddings(
@@ -493,7 +516,11 @@ def resolve_prompts_file(path: str | Path) -> Path:
 def read_prompts(prompts_file: Path, style_template: str) -> list[dict]:
     """JSONL rows {"prompt": str, "category": str (optional)} -> rows with `styled_prompt` added."""
     prompts = []
-    for number, line in enumerate(Path(prompts_file).read_text().splitlines(), start=1):
+    try:
+        text = Path(prompts_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{prompts_file}: not valid UTF-8 ({exc})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{prompts_file}:{number}"

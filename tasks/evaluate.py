@@ -84,7 +84,9 @@ def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config:
     return content_key(
         prompts=read_table(Path(prompt_set_path), PROMPT_SET).to_pylist(),
         adapter={name: _file_sha256(_adapter_file(adapter_dir, name)) for name in ADAPTER_FILES},
-        checkpoints={n: _file_sha256(checkpoint_file(adapter_dir, n)) for n in sorted(config.evaluate.checkpoints)},
+        checkpoints={
+            n: _file_sha256(checkpoint_file(adapter_dir, n)) for n in sorted(config.evaluate.checkpoints)
+        },
         evaluate=config.evaluate.model_dump(mode="json", exclude={"prompts_file", "style_template"}),
         pixart=config.models.pixart,
         resolution=config.embed.resolution,
@@ -111,7 +113,9 @@ def load_checkpoint_weights(transformer, path: Path) -> None:
     unknown = sorted(set(weights) - set(params))
     missing = sorted(n for n in params if "lora_" in n and n not in weights)
     if unknown or missing:
-        raise ValueError(f"{path}: does not fit the applied adapter (unknown {unknown[:2]}, missing {missing[:2]})")
+        raise ValueError(
+            f"{path}: does not fit the applied adapter (unknown {unknown[:2]}, missing {missing[:2]})"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -185,7 +189,9 @@ def clip_embeddings(model, processor, images: np.ndarray, batch_size: int) -> np
     """CLIP image embeddings [n, d] of uint8 images [n, height, width, 3]."""
     chunks = []
     for start in range(0, len(images), batch_size):
-        pixels = processor(images=[Image.fromarray(a) for a in images[start : start + batch_size]], return_tensors="pt")
+        pixels = processor(
+            images=[Image.fromarray(a) for a in images[start : start + batch_size]], return_tensors="pt"
+        )
         output = model.get_image_features(pixel_values=pixels["pixel_values"].to(model.device, model.dtype))
         features = output if torch.is_tensor(output) else output.pooler_output  # transformers 5: an output
         chunks.append(features.float().cpu().numpy())
@@ -232,7 +238,9 @@ def sample_all(
     latents["lora"] = generate_latents(pipe, embeds, mask, items, config, "sampling LoRA")
     for step in sorted(set(config.evaluate.checkpoints)):  # the same adapter, earlier weights
         load_checkpoint_weights(transformer, checkpoint_file(adapter_dir, step))
-        latents[f"checkpoint-{step}"] = generate_latents(pipe, embeds, mask, items, config, f"sampling step {step}")
+        latents[f"checkpoint-{step}"] = generate_latents(
+            pipe, embeds, mask, items, config, f"sampling step {step}"
+        )
     batch_size = config.evaluate.batch_size
     images = {model: decode_images(vae, latents[model], batch_size) for model in latents}
     train_images = decode_images(vae, torch.from_numpy(means[:MAX_COLOR_REFERENCE]), batch_size)
@@ -411,9 +419,16 @@ def evaluate(
 
     for step in config.evaluate.checkpoints:  # before any sampling: a missing one fails fast
         checkpoint_file(adapter_dir, step)
-    samples = sample_all(prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config)
+    samples = sample_all(
+        prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config
+    )
     metrics = style_shift(
-        samples.latents, samples.images, samples.train_means, samples.train_stds, samples.train_images, samples.clip
+        samples.latents,
+        samples.images,
+        samples.train_means,
+        samples.train_stds,
+        samples.train_images,
+        samples.clip,
     )
     result = _write_outputs(output_dir, prompts, samples.images, metrics, config, lineage)
     _write_done(output_dir, result)  # last: its presence means everything above is complete

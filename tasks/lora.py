@@ -81,6 +81,8 @@ def save_adapter(transformer: torch.nn.Module, out_dir: Path, base_model: str | 
     }
     config = copy.copy(config)
     config.base_model_name_or_path = base_model
+    if isinstance(config.target_modules, set):  # a set's order changes with PYTHONHASHSEED:
+        config.target_modules = sorted(config.target_modules)  # same adapter, same bytes
     with atomic_dir(out_dir) as tmp:
         save_file(
             {_PEFT_PREFIX + k: v for k, v in state.items()}, tmp / PEFT_WEIGHTS, metadata={"format": "pt"}
@@ -146,6 +148,8 @@ def apply_lora(pipeline_or_transformer: torch.nn.Module, adapter_dir: str | Path
 def merge_and_save(adapter_dir: str | Path, models: ModelsConfig, out_dir: str | Path) -> Path:
     """Fuse the adapter into a float32 copy of the base transformer and save it with
     `save_pretrained` (safetensors): loadable as `PixArtTransformer2DModel.from_pretrained(out_dir)`."""
+    if not (Path(adapter_dir) / PEFT_WEIGHTS).is_file():  # else peft would fall back to a pickled .bin
+        raise FileNotFoundError(f"{adapter_dir}: no {PEFT_WEIGHTS}; adapters load from safetensors only")
     base = load_transformer(models, torch.float32, torch.device("cpu"))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     with atomic_dir(Path(out_dir)) as tmp:

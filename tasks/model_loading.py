@@ -8,8 +8,10 @@ Weights load from safetensors only and no repository code is ever trusted.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +62,30 @@ def _text_encoder_source(models: ModelsConfig) -> tuple[str, dict, dict]:
     return path, {"subfolder": "text_encoder", **pinned}, {"subfolder": "tokenizer", **pinned}
 
 
+def _names_model(describe: Callable[[object], str]):
+    """Hub and file errors often leave out which model failed to load (transformers says only
+    "We couldn't connect to 'https://huggingface.co'"): re-raise them naming the setting."""
+
+    def wrap(load):
+        @functools.wraps(load)
+        def loader(source, *args, **kwargs):
+            try:
+                return load(source, *args, **kwargs)
+            except OSError as exc:
+                raise OSError(f"{describe(source)}: cannot load this model: {exc}") from None
+
+        return loader
+
+    return wrap
+
+
+_PIXART = _names_model(lambda m: f"models.pixart={m.pixart!r}")
+_TEXT_ENCODER = _names_model(
+    lambda m: f"models.text_encoder={m.text_encoder!r}" if m.text_encoder else f"models.pixart={m.pixart!r}"
+)
+
+
+@_PIXART
 def load_transformer(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     from diffusers import PixArtTransformer2DModel
 
@@ -70,6 +96,7 @@ def load_transformer(models: ModelsConfig, dtype: torch.dtype, device: torch.dev
     return model.to(device)
 
 
+@_PIXART
 def load_vae(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL
 
@@ -80,6 +107,7 @@ def load_vae(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     return vae.to(device).eval().requires_grad_(False)
 
 
+@_TEXT_ENCODER
 def load_text_encoder(models: ModelsConfig, dtype: torch.dtype, device: torch.device):
     """(tokenizer, T5EncoderModel) in eval mode with gradients off."""
     from transformers import AutoTokenizer, T5EncoderModel
@@ -90,6 +118,7 @@ def load_text_encoder(models: ModelsConfig, dtype: torch.dtype, device: torch.de
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 
+@_TEXT_ENCODER
 def load_tokenizer(models: ModelsConfig):
     from transformers import AutoTokenizer
 
@@ -132,6 +161,7 @@ def captioner_quantization(quantization: str, dtype: torch.dtype):
     raise ValueError(f"unknown quantization {quantization!r}; use 'none', '8bit' or '4bit'")
 
 
+@_names_model(lambda m: f"models.llava={m.llava!r}")
 def load_captioner(
     models: ModelsConfig,
     dtype: torch.dtype,
@@ -166,6 +196,7 @@ def load_captioner(
     return model.eval().requires_grad_(False), processor
 
 
+@_names_model(lambda name: f"evaluate.clip_model={name!r}")
 def load_clip(name: str, dtype: torch.dtype, device: torch.device):
     """(CLIPModel, image processor) for the style metric's image embeddings (evaluate.clip_model)."""
     from transformers import AutoImageProcessor, CLIPModel

@@ -75,6 +75,10 @@ def import_folder(folder: Path, repo_path: Path, message: str) -> str:
         raise OxenError(f"{repo_path}: already exists; not importing {folder} over it")
     if not folder.is_dir():
         raise OxenError(f"{folder}: dataset folder to import does not exist")
+    root = folder.resolve()
+    for link in (p for p in folder.rglob("*") if p.is_symlink()):
+        if not link.resolve().is_relative_to(root):  # copying would commit the file it points at
+            raise OxenError(f"{link}: symlink points outside {folder} (to {link.resolve()}); not importing")
     ensure_user()
     repo_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repo_path.name}.", dir=repo_path.parent))
@@ -86,7 +90,15 @@ def import_folder(folder: Path, repo_path: Path, message: str) -> str:
             if entry.name != ".oxen":
                 repo.add(str(entry))
         commit = repo.commit(message)
-        os.replace(staging, repo_path)
+        try:
+            os.replace(staging, repo_path)
+        except OSError:
+            if not (repo_path / ".oxen").is_dir():
+                raise
+            # Two first runs at once: the other one's import won; both read the same folder.
+            shutil.rmtree(staging, ignore_errors=True)
+            with repo_lock(repo_path):
+                return oxen.Repo(str(repo_path)).log()[0].id
         return commit.id
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,13 +139,15 @@ class LocalRevision:
     def read_bytes(self, rel_path: str) -> bytes:
         target = self.path / rel_path
         existed = target.exists()
-        self._touched.append((target, existed))
         try:
             self.repo.restore(rel_path, source=self.commit_id)
         except ValueError as exc:
             if "Commit not found" in str(exc):
                 raise OxenError(f"{self.label}: revision {self.revision!r} does not exist") from None
             raise FileNotFoundError(f"{rel_path}: not in {self.label} at {self.revision}") from None
+        # Only now: a file the commit lacks was not touched, and close() must not restore it
+        # (an untracked file, which HEAD lacks too, made that restore fail).
+        self._touched.append((target, existed))
         return target.read_bytes()
 
     def close(self) -> None:
@@ -161,7 +175,7 @@ class RemoteRevision:
     def read_bytes(self, rel_path: str) -> bytes:
         dest = self._tmp / "file"
         try:
-            call_remote(lambda: self.remote.download(rel_path, str(dest), revision=self.commit_id), self.label)
+            call_remote(lambda: self.remote.download(rel_path, str(dest), self.commit_id), self.label)
         except RemoteNotFound:
             raise FileNotFoundError(f"{rel_path}: not in {self.label} at {self.revision}") from None
         data = dest.read_bytes()
@@ -259,11 +273,11 @@ def call_remote(fn, label: str, attempts: int = 4, first_delay_s: float = 0.5):
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as exc:  # the client raises ValueError or plain Exception for every failure
+        except Exception as exc:  # noqa: BLE001 - the client raises ValueError or bare Exception for all
             if _is_not_found(exc):
                 raise RemoteNotFound(f"{label}: {exc}") from None
             if _status(exc) in (401, 403) or "Authentication failed" in str(exc):
-                raise OxenError(f"{label}: the host refused our credentials (see {TOKEN_ENV}): {exc}") from None
+                raise OxenError(f"{label}: the host refused the credentials ({TOKEN_ENV}?): {exc}") from None
             if attempt == attempts:
                 raise OxenError(f"{label}: unreachable or failing after {attempts} attempts: {exc}") from None
         time.sleep(delay)
@@ -271,7 +285,9 @@ def call_remote(fn, label: str, attempts: int = 4, first_delay_s: float = 0.5):
 
 
 @contextlib.contextmanager
-def open_revision(cfg: OxenRepoConfig, revision: str, repo_path: Path | None = None, token: str | None = None):
+def open_revision(
+    cfg: OxenRepoConfig, revision: str, repo_path: Path | None = None, token: str | None = None
+):
     """Yield a reader with `.commit_id` and `.read_bytes(path)` for a repo at a revision
     (`token` for a remote host; default $OXEN_API_KEY)."""
     if cfg.is_remote:

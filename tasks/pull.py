@@ -32,6 +32,9 @@ from tasks.images import load_rgb
 from tasks.workdir import WorkDir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A caption is a sentence or a paragraph; a longer one overflows LLaVA's context in recaption
+# (and T5 reads only its first ~500 characters).
+MAX_CAPTION_CHARS = 4000
 
 
 class DatasetError(ValueError):
@@ -51,7 +54,13 @@ def read_metadata(data: bytes, metadata_file: str) -> tuple[list[dict], list[dic
     """Rows of the metadata file, and problems with lines that could not be parsed."""
     if metadata_file.endswith(".jsonl"):
         rows, problems = [], []
-        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        data = data.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark some Windows editors add
+        for number, raw in enumerate(data.splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # not replaced: a caption of U+FFFD would train silently
+                problems.append({"row": number, "file_name": None, "problem": f"not valid UTF-8: {exc}"})
+                continue
             if not line.strip():
                 continue
             try:
@@ -78,6 +87,8 @@ def safe_relative_path(file_name: object) -> str:
     path = PurePosixPath(file_name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or file_name.startswith("~"):
         raise ValueError("path escapes the dataset")
+    if not path.parts or path.parts[0] == ".oxen" or "\0" in file_name:
+        raise ValueError("not a dataset file path (the dataset root, Oxen's own folder, or a NUL character)")
     return str(path)
 
 
@@ -151,6 +162,12 @@ def pull_dataset(cfg: DatasetConfig, workdir: WorkDir) -> PullResult:
                 continue
             if not isinstance(caption, str) or not caption.strip():
                 skip(f"caption column {cfg.caption_column!r} is empty or not text")
+                continue
+            if len(caption) > MAX_CAPTION_CHARS:
+                skip(f"caption is {len(caption)} characters long; the limit is {MAX_CAPTION_CHARS}")
+                continue
+            if repo_path is not None and not (repo_path / rel_path).resolve().is_relative_to(repo_path.resolve()):
+                skip("path escapes the dataset through a symlink")  # reading it would follow the link
                 continue
             if rel_path in seen_names:
                 skip("duplicate file_name")

@@ -4,12 +4,14 @@ What is pushed (paths inside the repo):
     results.jsonl, report.md, metrics.json     from the evaluation
     images/<model>/*.png, grids/*.png          the generated images
     lora/adapter_model.safetensors, lora/adapter_config.json, lora/pytorch_lora_weights.safetensors
-    train_log.jsonl, config.yaml, run_summary.json
+    train_log.jsonl, config.yaml, lineage.json
 
 The files are first gathered in `<run dir>/push/` (a complete local copy that survives a failed
 push), then committed. Local repos commit in one step; remote hosts get all files staged in one
-workspace and one commit, retried with backoff. The commit message names the run, so pushing
-the same run again finds its commit and writes nothing.
+workspace and one commit, retried with backoff; when the host stays down the run fails naming
+host and repo, and the push dir keeps everything. The commit message names the run, so pushing
+the same run again finds its commit and writes nothing. A remote host's token comes from the
+Prefect Secret block `results.token_secret`, else $OXEN_API_KEY (see oxen_repos.use_token).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from tasks.workdir import WorkDir
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
 
 
-def gather_results(eval_dir: Path, adapter_dir: Path, extra_files: dict[str, Path], push_dir: Path) -> dict[str, Path]:
+def gather_results(
+    eval_dir: Path, adapter_dir: Path, extra_files: dict[str, Path], push_dir: Path
+) -> dict[str, Path]:
     """Copy everything the commit will hold into `push_dir`; returns repo path -> local file."""
     files: dict[str, Path] = {}
     for name in ("results.jsonl", "report.md", "metrics.json"):
@@ -63,7 +67,9 @@ def push_local(repo_path: Path, branch: str, files: dict[str, Path], run_id: str
     return oxen_repos.commit_to_branch(repo_path, branch, files, commit_message(run_id))
 
 
-def push_remote(cfg: ResultsConfig, branch: str, files: dict[str, Path], run_id: str, token: str | None = None) -> str:
+def push_remote(
+    cfg: ResultsConfig, branch: str, files: dict[str, Path], run_id: str, token: str | None = None
+) -> str:
     """Commit `files` to `branch` on the host in one workspace and one commit; returns the commit id.
 
     Each attempt stages every file in a fresh workspace and commits it; an attempt that fails
@@ -133,7 +139,9 @@ def resolve_token(cfg: ResultsConfig) -> str | None:
     try:
         return Secret.load(cfg.token_secret).get()
     except ValueError as exc:
-        raise ValueError(f"results.token_secret: no Prefect Secret block {cfg.token_secret!r} ({exc})") from None
+        raise ValueError(
+            f"results.token_secret: no Prefect Secret block {cfg.token_secret!r} ({exc})"
+        ) from None
 
 
 @task(name="push")
@@ -143,8 +151,12 @@ def push_task(
     logger = get_run_logger()
     work = WorkDir(Path(workdir))
     push_dir = work.run_dir(run_id) / "push"
-    files = gather_results(Path(eval_dir), Path(adapter_dir), {k: Path(v) for k, v in extra_files.items()}, push_dir)
-    logger.info("gathered %d files in %s; committing to %s", len(files), push_dir, oxen_repos.describe(config.results))
+    files = gather_results(
+        Path(eval_dir), Path(adapter_dir), {k: Path(v) for k, v in extra_files.items()}, push_dir
+    )
+    logger.info(
+        "gathered %d files in %s; committing to %s", len(files), push_dir, oxen_repos.describe(config.results)
+    )
     try:
         pushed = push_results(config.results, work, run_id, files, resolve_token(config.results))
     except oxen_repos.OxenError as exc:  # the gathered copy is complete: push it again later

@@ -92,9 +92,9 @@ def style_shift(
     mu, sd = posterior_mixture(train_means, train_stds)
     train_color = mean_colors(train_images).mean(axis=0)
     models = {}
-    for name in latents:
+    for name, samples in latents.items():
         models[name] = {
-            "latent_fd": frechet_to_reference(latents[name], mu, sd),
+            "latent_fd": frechet_to_reference(samples, mu, sd),
             "color_distance": color_distance(images[name], train_color),
             "mean_rgb": _rounded(mean_colors(images[name]).mean(axis=0)),
         }
@@ -112,7 +112,10 @@ def style_shift(
         "mean_rgb_train": _rounded(train_color),
     }
     if clip is not None:
-        flat |= {"clip_similarity_base": base["clip_similarity"], "clip_similarity_lora": lora["clip_similarity"]}
+        flat |= {
+            "clip_similarity_base": base["clip_similarity"],
+            "clip_similarity_lora": lora["clip_similarity"],
+        }
     return flat | {"models": models}
 
 

@@ -22,8 +22,9 @@ server source, crates/server/src/controllers/, and checked against the client's 
     POST .../workspaces/{id}/commit/{branch}             commit the workspace, one commit
     POST .../commits/{id}/complete, .../action/...       bookkeeping, acknowledged
 
-Not implemented: large-file chunked uploads (files over the client's chunk size, ~16 MB), tree
-and merkle sync (clone/push/pull of whole repos), data frames, merges, repo creation.
+Not implemented: the chunked /versions uploads the client uses for files above its chunk size
+(tests push small files), tree and merkle sync (clone/push/pull of whole repos), directory
+listings, data frames, merges, repo creation; branches are created only at a branch head.
 
 Test controls (not part of Oxen's API), under /_double/:
     POST seed      {"repo", "branch", "message", "files": {path: base64} | "folder"} -> {"commit_id"}
@@ -47,6 +48,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import oxen
@@ -216,10 +218,10 @@ class Repos:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    repos: Repos
-    token: str | None = None
-    faults: list[dict] = []
-    seen: list[dict] = []
+    repos: ClassVar[Repos]  # serve() binds these four in a subclass
+    token: ClassVar[str | None] = None
+    faults: ClassVar[list[dict]] = []
+    seen: ClassVar[list[dict]] = []
 
     def log_message(self, *args) -> None:
         pass
@@ -267,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
                 if repo is None:
                     return self._json(404, error("resource_not_found"))
                 return self._api(repo, match[1], match[2] or "", parse_qs(url.query), body)
-        except Exception as exc:  # a bug in the double shows as a 500 with its message, not a hang
+        except Exception as exc:  # noqa: BLE001 - a bug in the double is a 500 with its message, not a hang
             return self._json(500, error(f"double: {type(exc).__name__}: {exc}"))
 
     def _control(self, name: str, query: dict, body: bytes) -> None:
@@ -276,9 +278,13 @@ class Handler(BaseHTTPRequestHandler):
             files = {k: base64.b64decode(v) for k, v in request.get("files", {}).items()}
             if request.get("folder"):
                 folder = Path(request["folder"])
-                files |= {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+                files |= {
+                    p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+                }
             with self.repos.lock:
-                commit_id = self.repos.seed(request["repo"], request.get("branch", "main"), request["message"], files)
+                commit_id = self.repos.seed(
+                    request["repo"], request.get("branch", "main"), request["message"], files
+                )
             return self._json(200, {"commit_id": commit_id})
         if name == "fail":
             self.faults.append(json.loads(body))
@@ -304,7 +310,9 @@ class Handler(BaseHTTPRequestHandler):
             resource = repos.resolve(repo, m[1])
             return self._json(200, FOUND | {"resource": resource}) if resource else self._not_found()
         if rest == "/branches" and method == "GET":
-            return self._json(200, FOUND | {"branches": [{"name": k, "commit_id": v} for k, v in branches.items()]})
+            return self._json(
+                200, FOUND | {"branches": [{"name": k, "commit_id": v} for k, v in branches.items()]}
+            )
         if (m := re.fullmatch(r"/branches/(.+)", rest)) and method == "GET":
             if m[1] not in branches:
                 return self._not_found()
@@ -319,17 +327,25 @@ class Handler(BaseHTTPRequestHandler):
             data = repos.read_file(repo, m[1], m[2])
             if data is None:
                 return self._not_found()
-            return self._send(200, data, "application/octet-stream", {"oxen-revision-id": branches.get(m[1], m[1])})
+            return self._send(
+                200, data, "application/octet-stream", {"oxen-revision-id": branches.get(m[1], m[1])}
+            )
         if (m := re.fullmatch(r"/file/([^/]+)(?:/(.*))?", rest)) and method == "PUT":
             return self._put_files(repo, branches, m[1], m[2] or "", body)
         if rest == "/workspaces" and method == "PUT":
             return self._create_workspace(repo, branches, json.loads(body))
         if (m := re.fullmatch(r"/workspaces/([^/]+)", rest)) and method == "GET":
             workspace = repos.workspaces.get(m[1])
-            return self._json(200, FOUND | {"workspace": self._workspace_view(repo, workspace)}) if workspace else self._not_found()
+            return (
+                self._json(200, FOUND | {"workspace": self._workspace_view(repo, workspace)})
+                if workspace
+                else self._not_found()
+            )
         if (m := re.fullmatch(r"/workspaces/([^/]+)", rest)) and method == "DELETE":
-            repos.workspaces.pop(m[1], None)
-            return self._json(200, FOUND)
+            workspace = repos.workspaces.pop(m[1], None)
+            if workspace is None:
+                return self._not_found()
+            return self._json(200, FOUND | {"workspace": self._workspace_view(repo, workspace)})
         if re.fullmatch(r"/workspaces/[^/]+/validate", rest) and method == "POST":
             return self._json(200, FOUND)
         if (m := re.fullmatch(r"/workspaces/([^/]+)/files/?(.*)", rest)) and method == "POST":
@@ -364,7 +380,9 @@ class Handler(BaseHTTPRequestHandler):
         for branch in [revision] if revision in branches else list(branches):
             ids = [c["id"] for c in self.repos.history(repo, branch)]
             if revision in branches or revision in ids:
-                commits = self.repos.history(repo, branch)[0 if revision in branches else ids.index(revision) :]
+                commits = self.repos.history(repo, branch)[
+                    0 if revision in branches else ids.index(revision) :
+                ]
                 break
         if not commits:
             return self._not_found()
@@ -390,7 +408,12 @@ class Handler(BaseHTTPRequestHandler):
         files, fields = parse_multipart(self.headers["Content-Type"], body)
         named = {(Path(directory) / name).as_posix(): data for name, data in files}
         commit = self.repos.commit_files(
-            repo, branch, named, fields.get("message", "Upload"), fields.get("name", "unknown"), fields.get("email", "")
+            repo,
+            branch,
+            named,
+            fields.get("message", "Upload"),
+            fields.get("name", "unknown"),
+            fields.get("email", ""),
         )
         return self._json(200, FOUND | {"commit": commit_view(commit)})
 
@@ -436,7 +459,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(root: Path, port: int = 0, token: str | None = None) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"repos": Repos(root), "token": token, "faults": [], "seen": []})
+    handler = type(
+        "BoundHandler", (Handler,), {"repos": Repos(root), "token": token, "faults": [], "seen": []}
+    )
     return ThreadingHTTPServer(("127.0.0.1", port), handler)
 
 
@@ -450,7 +475,7 @@ class OxenHubDouble:
         self.process: subprocess.Popen | None = None
         self.host = ""
 
-    def __enter__(self) -> OxenHubDouble:
+    def __enter__(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "tests.oxen_hub_double", "--root", str(self.root)]
         env = dict(os.environ, HOME=str(self.root / ".home"))  # its own Oxen user config
@@ -478,7 +503,9 @@ class OxenHubDouble:
         import urllib.request
 
         data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(f"http://{self.host}/_double/{name}{query}", data=data, method=method)
+        request = urllib.request.Request(
+            f"http://{self.host}/_double/{name}{query}", data=data, method=method
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 

@@ -20,11 +20,11 @@ CRON = "0 3 * * *"
 
 
 def fast_config(path: Path, run_name: str) -> dict:
-    """The demo config, cut to seconds of CPU: 10 training steps, 4 sampling steps."""
+    """The demo config, cut to seconds of CPU: 10 training steps, 2 seeds of 4 sampling steps."""
     data = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
     data["run_name"] = run_name
     data["train"]["max_steps"] = 10
-    data["evaluate"]["num_inference_steps"] = 4
+    data["evaluate"].update(seeds=[0, 1], num_inference_steps=4)
     data["recaption"]["schedule"] = CRON
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return data

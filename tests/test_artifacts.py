@@ -53,6 +53,13 @@ def test_grid_sheet_stacks_one_labelled_row_per_prompt(tmp_path: Path):
     column = [image.getpixel((10, y)) for y in range(image.height)]
     first_red, first_blue = column.index((255, 0, 0)), column.index((0, 0, 255))
     assert first_blue - first_red >= 128
+    # A preview keeps each grid's first seed row: two-seed grids (red over blue) show red only.
+    two_seeds = Image.new("RGB", (128, 128), "red")
+    two_seeds.paste(Image.new("RGB", (128, 64), "blue"), (0, 64))
+    two_seeds.save(tmp_path / "two.png")
+    preview = artifacts.grid_sheet([tmp_path / "two.png"], ["0. a cat"], tmp_path / "p.png", rows=(1, 2))
+    colours = {colour for _, colour in Image.open(preview).convert("RGB").getcolors(1 << 16)}
+    assert (255, 0, 0) in colours and (0, 0, 255) not in colours
     with pytest.raises(ValueError, match="2 labels for 3 grids"):
         artifacts.grid_sheet(grids, ["a", "b"], tmp_path / "bad.png")
 

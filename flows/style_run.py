@@ -29,8 +29,9 @@ from tasks import artifacts
 from tasks.embed import embed_task, read_prompts, resolve_prompts_file
 from tasks.evaluate import evaluate_task
 from tasks.lineage import build_lineage, make_run_id, write_run_files, write_run_summary
+from tasks.oxen_repos import use_token
 from tasks.pull import pull_task
-from tasks.push import push_task
+from tasks.push import push_task, resolve_token
 from tasks.recaption import recaption_task
 from tasks.train import train_task
 
@@ -115,6 +116,9 @@ def style_run(config: RunConfig, workdir: str = "runs") -> dict:
     workdir = str(Path(workdir).resolve())
     run = RunBoard(config, workdir)
 
+    if config.results.is_remote:
+        # The Oxen client reads its tokens once, at its first remote call (the pull's, maybe).
+        use_token(config.results.host, resolve_token(config.results))
     pulled = run.stage("pull", pull_task, config, workdir)
     run_id = make_run_id(config, pulled["commit_id"])
     run_dir = str(Path(workdir) / "runs" / run_id)

@@ -107,17 +107,15 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 class _ShardWriter:
-    """Writes cache shards on background threads, so the accelerator does not wait for parquet,
-    checksums and fsync (they release the GIL); at most WRITES_IN_FLIGHT shards at a time.
-    close() waits for all and re-raises a failed write."""
+    """Writes cache shards on background threads (parquet, checksums and fsync release the GIL),
+    at most WRITES_IN_FLIGHT at a time. close() waits for all and re-raises a failed write."""
 
     def __init__(self, cache: ShardedCache):
         self.cache, self._pool = cache, ThreadPoolExecutor(WRITES_IN_FLIGHT)
         self._pending: list[Future] = []
 
     def write(self, parts: list) -> None:
-        """Hand `parts` over (the list is emptied) to be written as one shard: row dicts, or
-        tables of the cache's schema."""
+        """Hand `parts` (row dicts or tables; the list is emptied) over, to be written as one shard."""
         if parts:
             while len(self._pending) >= WRITES_IN_FLIGHT:
                 self._pending.pop(0).result()
@@ -125,10 +123,9 @@ class _ShardWriter:
             parts.clear()
 
     def _write(self, parts: list) -> None:
-        if isinstance(parts[0], pa.Table):
-            self.cache.write(pa.concat_tables(parts))
-        else:
-            self.cache.write(pa.Table.from_pylist(parts, schema=self.cache.schema))
+        rows = not isinstance(parts[0], pa.Table)
+        table = pa.Table.from_pylist(parts, schema=self.cache.schema) if rows else pa.concat_tables(parts)
+        self.cache.write(table)
 
     def close(self) -> None:
         try:
@@ -176,15 +173,13 @@ def embed_texts(
         for n, start in enumerate(tqdm(starts, desc="T5 embeddings", unit="batch")):
             batch = todo[start : start + embed_cfg.batch_size]
             launched = _encode_text_batch(batch, tokenizer, model, embed_cfg.max_length, device)
-            # The host turns the previous batch into rows while the device runs this one.
-            if queued is not None:
-                finished, queued = queued, None
-                tables.append(_text_table(finished))
-                if n % FLUSH_EVERY == 0:  # n batches finished
-                    writer.write(tables)
+            if queued is not None:  # the host builds its rows while the device runs `launched`
+                tables.append(_text_table(queued))
             queued = launched
-        finished, queued = queued, None
-        tables.append(_text_table(finished))
+            if n % FLUSH_EVERY == 0:  # n batches finished
+                writer.write(tables)
+        tables.append(_text_table(queued))
+        queued = None
     finally:
         if queued is not None:  # computed before a later batch failed: keep it if it can be read
             with contextlib.suppress(Exception):
@@ -198,40 +193,32 @@ def embed_texts(
 
 
 def compile_text_encoder(model: torch.nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each T5 block in place (embed.compile).
-
-    Batches are padded to their longest text, so lengths vary: dynamic shapes give one graph for
-    every length (two in all: the first block also computes the relative position bias, the
-    other 23 share one graph, parameters passed as inputs). Static graphs per padded length would
-    need lengths bucketed and dynamo's recompile limit (8 per code object) raised. The first batch
-    compiles (seconds); bench/RESULTS.md has the speed-up and when it pays off.
-    """
+    """torch.compile each T5 block in place (embed.compile). Dynamic shapes, as batches are padded to
+    their longest text: two graphs serve every length (block 0 also computes the position bias).
+    Static shapes over bucketed lengths were slower; bench/RESULTS.md says when compiling pays off."""
     for block in model.encoder.block:
         block.compile(backend=backend, dynamic=True)
 
 
 class _QueuedTexts(NamedTuple):
-    """A T5 batch whose valid hidden states are being copied to host memory."""
+    """A T5 batch whose valid hidden states are on their way to host memory."""
 
     batch: list[tuple[str, str]]  # (key, text)
     lengths: list[int]  # valid tokens per text
-    valid: torch.Tensor  # [sum(lengths), dim], the texts' rows one after another
-    copied: torch.cuda.Event | None  # recorded after the copy; None when computed on the CPU
+    valid: torch.Tensor  # [sum(lengths), dim] on the host, in batch order
+    copied: torch.cuda.Event | None  # the copy is done once this is; None on the CPU
 
 
 @torch.inference_mode()
 def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.device) -> _QueuedTexts:
-    """Queue T5 on `batch` and the copy of its valid tokens to the host; returns without
-    waiting for a CUDA device. _text_table then waits and builds the cache rows."""
+    """Queue T5 on `batch` and the copy of its valid tokens to the host (no waiting on CUDA)."""
     tokens = tokenizer(
         [text for _, text in batch], padding="longest", truncation=True, max_length=max_length,
         return_tensors="pt",
     )  # fmt: skip
     mask = tokens.attention_mask.bool()
-    # The valid tokens (whichever side was padded), picked by indices computed here, so the
-    # gather on the device needs no sync; one transfer moves them all. Boolean-indexing every
-    # row on the CPU instead took milliseconds per caption, longer than its share of T5.
-    # non_blocking: the inputs are staged at once and nothing here waits for earlier batches.
+    # The valid tokens (either padding side) by indices computed here: the gather needs no sync
+    # and one transfer moves them all. non_blocking: nothing here waits for earlier batches.
     index = mask.flatten().nonzero().squeeze(1)
     hidden = model(
         input_ids=tokens.input_ids.to(device, non_blocking=True),
@@ -241,43 +228,33 @@ def _encode_text_batch(batch, tokenizer, model, max_length: int, device: torch.d
     lengths = mask.sum(1).tolist()
     if device.type != "cuda":
         return _QueuedTexts(batch, lengths, valid.cpu(), None)
-    host = torch.empty(valid.shape, dtype=valid.dtype, pin_memory=True)  # pinned: an async copy
-    host.copy_(valid, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    host = torch.empty(valid.shape, dtype=valid.dtype, pin_memory=True).copy_(valid, non_blocking=True)
+    copied = torch.cuda.current_stream().record_event()  # after the copy, asynchronous as pinned
     return _QueuedTexts(batch, lengths, host, copied)
 
 
 def _text_table(queued: _QueuedTexts) -> pa.Table:
-    """The TEXT_EMBEDDINGS rows of a queued batch, once its copy to the host has finished.
-
-    Each embedding is a slice of the batch's host buffer, not a copy: copying ~0.6 MB per
-    caption into bytes objects cost as much host time as T5 itself on the GPU."""
+    """The TEXT_EMBEDDINGS rows of a queued batch, once copied. Each embedding is a slice of the
+    batch's host buffer: bytes objects (~0.6 MB a caption) cost more host time than T5's launches."""
     if queued.copied is not None:
         queued.copied.synchronize()
     valid, lengths = queued.valid, np.array(queued.lengths, dtype=np.int64)
     # bfloat16 as its 16-bit patterns, as tensor_bytes stores it (numpy has no bfloat16).
-    values = (valid.view(torch.int16) if valid.dtype == torch.bfloat16 else valid).numpy()
-    row_bytes = valid.shape[1] * valid.element_size()
-    ends = np.cumsum(lengths) * row_bytes
-    # A batch larger than one binary array can address becomes several arrays.
+    values = valid.view(torch.int16) if valid.dtype == torch.bfloat16 else valid
+    data = values.numpy().reshape(-1).view(np.uint8)
+    ends = np.cumsum(lengths) * (valid.shape[1] * valid.element_size())
     chunks, first = [], 0
-    while first < len(lengths):
+    while first < len(lengths):  # one binary array addresses at most BINARY_CHUNK_BYTES
         base = ends[first - 1] if first else 0
         last = max(first + 1, int(np.searchsorted(ends, base + BINARY_CHUNK_BYTES, side="right")))
-        offsets = np.concatenate([[0], ends[first:last] - base]).astype(np.int32)
-        data = pa.py_buffer(values.reshape(-1).view(np.uint8)[base : ends[last - 1]])
-        chunks.append(pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), data]))
+        offsets = pa.py_buffer(np.concatenate([[0], ends[first:last] - base]).astype(np.int32))
+        buffers = [None, offsets, pa.py_buffer(data[base : ends[last - 1]])]
+        chunks.append(pa.Array.from_buffers(pa.binary(), last - first, buffers))
         first = last
     keys, texts = zip(*queued.batch, strict=True)
-    columns = {
-        "key": pa.array(keys, pa.string()), "text": pa.array(texts, pa.string()),
-        "length": pa.array(lengths, pa.int32()), "dim": pa.array([valid.shape[1]] * len(lengths), pa.int32()),
-        "dtype": pa.array([dtype_name(valid.dtype)] * len(lengths), pa.string()),
-        "embedding": pa.chunked_array(chunks, pa.binary()),
-    }  # fmt: skip
-    schema = contracts.TEXT_EMBEDDINGS
-    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+    columns = {"key": keys, "text": texts, "length": lengths, "dim": [valid.shape[1]] * len(keys),
+               "dtype": [dtype_name(valid.dtype)] * len(keys), "embedding": pa.chunked_array(chunks, pa.binary())}  # fmt: skip
+    return pa.table(columns, schema=contracts.TEXT_EMBEDDINGS)
 
 
 def load_text_embeddings(

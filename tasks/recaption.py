@@ -32,7 +32,8 @@ GREEDY = {"do_sample": False, "num_beams": 1}
 # The retry for a degenerate caption: still deterministic, but pushed off the loop it fell into.
 RETRY = {**GREEDY, "repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
 # recaption.static_cache: a preallocated KV cache, which lets generate compile its decode step.
-# It changes speed, not the greedy tokens, so it stays out of the decoding settings in the cache key.
+# Like the batch size it changes speed and bf16 rounding, not the recipe (float32: same tokens),
+# so it stays out of the decoding settings in the cache key.
 STATIC_CACHE = {"cache_implementation": "static"}
 # The static cache is sized up to a multiple of this many tokens, so a batch with a slightly longer
 # prompt reuses the cache shape and the compiled decode step instead of compiling again (~40 s).

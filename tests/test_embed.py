@@ -91,7 +91,8 @@ def test_compiled_text_encoder_gives_the_same_embeddings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embed, "compile_text_encoder", eager_backend)
     plain_keys = embed_texts(TEXTS, MODELS, EmbedConfig(batch_size=2), tmp_path / "plain", CPU, F32)
-    keys = embed_texts(TEXTS, MODELS, EmbedConfig(batch_size=2, compile=True), tmp_path / "compiled", CPU, F32)
+    cfg = EmbedConfig(batch_size=2, compile=True)
+    keys = embed_texts(TEXTS, MODELS, cfg, tmp_path / "compiled", CPU, F32)
     assert compiled and all(compiled)
     assert keys == plain_keys  # compiling changes speed, not the cache key
     plain, plain_mask = load_text_embeddings(tmp_path / "plain", keys, 120)

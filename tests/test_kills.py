@@ -14,10 +14,9 @@ results repo holds exactly one commit for the run.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,9 @@ from tasks.workdir import WorkDir
 
 CACHES = {"captions": contracts.CAPTION_CACHE, "text": contracts.TEXT_EMBEDDINGS, "latents": contracts.LATENTS}
 KILLS: list[str] = []  # the kill points survived, for the README's figures
+# Children fork from a fresh server process that has imported the heavy libraries but not Oxen:
+# a plain fork of pytest would copy the threads of Oxen's Rust runtime half-alive and hang there.
+PRELOAD = ["torch", "diffusers", "transformers", "peft", "accelerate", "pyarrow.parquet", "PIL.Image", "prefect"]
 
 
 def die() -> None:
@@ -39,47 +41,97 @@ def die() -> None:
 
 def on_call(target, name: str, number: int, before: bool = True, when: Callable[..., bool] | None = None):
     """Replace target.name with a wrapper that SIGKILLs the process at its `number`-th matching
-    call, before or after the real call runs. For use in the forked child only."""
+    call, before or after the real call runs. For the child process only."""
     real = getattr(target, name)
     count = [0]
 
     def wrapper(*args, **kwargs):
-        if when is None or when(*args, **kwargs):
-            count[0] += 1
-            if count[0] == number and before:
-                die()
+        matched = when is None or when(*args, **kwargs)
+        count[0] += matched
+        if matched and count[0] == number and before:
+            die()
         result = real(*args, **kwargs)
-        if count[0] == number and not before:
+        if matched and count[0] == number and not before:
             die()
         return result
 
     setattr(target, name, wrapper)
 
 
-def killed_child(workdir: Path, arm: Callable[[], None], timeout_s: float = 240.0) -> None:
-    """Fork; the child arms its kill and runs the pipeline; it must die of SIGKILL, not finish or fail."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            arm()
-            run_stages(short_demo(), workdir)
-        except BaseException:
-            traceback.print_exc()
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + timeout_s
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the child ran past {timeout_s} s")
-        time.sleep(0.05)
-    status = done[1]
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-        f"the child was not killed at its kill point (exit status {os.waitstatus_to_exitcode(status)}; "
-        "3 means a stage raised, see the captured stderr)"
+def write_half_then_die(real_write: Callable) -> Callable:
+    """pyarrow's write_table, except that a latent shard gets half its bytes, then SIGKILL."""
+
+    def write(table, where, **kwargs) -> None:
+        real_write(table, where, **kwargs)
+        if "/cache/latents/" in str(where):
+            data = Path(where).read_bytes()
+            Path(where).write_bytes(data[: len(data) // 2])
+            die()
+
+    return write
+
+
+def arm(kill: str, workdir: Path) -> None:
+    """Set the kill point named `kill` (one per test below) in this (child) process."""
+    import shutil
+
+    import tasks.contracts
+    import tasks.embed
+    import tasks.evaluate
+    import tasks.pull
+    import tasks.recaption
+    import tasks.train
+
+    if kill == "pull":
+        on_call(tasks.pull, "store_image", 10)
+    elif kill == "recaption":
+        on_call(tasks.recaption, "caption_batch", 6)  # the 4th batch wrote a shard
+    elif kill == "embed":
+        on_call(tasks.embed, "_encode_image_batch", 6)
+    elif kill == "shard-write":
+        tasks.contracts.pq.write_table = write_half_then_die(tasks.contracts.pq.write_table)
+    elif kill == "train-step":
+        on_call(tasks.train, "_update", 13)  # checkpoint-10 is saved, steps 11 and 12 are lost
+    elif kill == "checkpoint":
+        on_call(tasks.train, "save_file", 1, before=False)  # lora.safetensors written, state.pt not
+    elif kill == "evaluate":
+        on_call(tasks.evaluate, "_write_png", 5)
+    elif kill == "push-copy":
+        repo = str(results_repo_path(workdir))
+        on_call(shutil, "copyfile", 20, when=lambda src, dst, **kw: str(dst).startswith(repo))
+    elif kill == "push-commit":
+        on_call(oxen.Repo, "commit", 1, before=False)
+    else:
+        raise ValueError(kill)
+
+
+def child(workdir: str, kill: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    arm(kill, Path(workdir))
+    run_stages(short_demo(), Path(workdir))
+
+
+def killed_child(workdir: Path, kill: str, timeout_s: float = 240.0) -> None:
+    """Run the pipeline in a child with kill point `kill`; it must die of SIGKILL, not finish or fail."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    process = context.Process(target=child, args=(str(workdir), kill))
+    process.start()
+    process.join(timeout_s)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        pytest.fail(f"the child ran past {timeout_s} s")
+    assert process.exitcode == -signal.SIGKILL, (
+        f"the child was not killed at {kill!r} (exit code {process.exitcode}; 1 means a stage raised: "
+        "see the captured stderr)"
     )
+
+
+def results_repo_path(workdir: Path) -> Path:
+    return WorkDir(Path(workdir)).resolve(short_demo().results.repo)
 
 
 def assert_no_half_written_entry(workdir: Path) -> None:
@@ -102,47 +154,27 @@ def workdir(tmp_path_factory, tiny_models) -> Path:
 
 
 def test_kill_during_pull(workdir):
-    import tasks.pull
-
-    killed_child(workdir, lambda: on_call(tasks.pull, "store_image", 10))
+    killed_child(workdir, "pull")
     assert_no_half_written_entry(workdir)
     KILLS.append("pull: between images")
 
 
 def test_kill_during_recaption_between_shards(workdir):
-    import tasks.recaption
-
-    killed_child(workdir, lambda: on_call(tasks.recaption, "caption_batch", 6))  # batch 4 made a shard
+    killed_child(workdir, "recaption")
     assert_no_half_written_entry(workdir)
     assert len(cache_rows(Path(workdir) / "cache" / "captions", contracts.CAPTION_CACHE)) == 16
     KILLS.append("recaption: between cache shards")
 
 
 def test_kill_during_embed_between_shards(workdir):
-    import tasks.embed
-
-    killed_child(workdir, lambda: on_call(tasks.embed, "_encode_image_batch", 6))
+    killed_child(workdir, "embed")
     assert_no_half_written_entry(workdir)
     KILLS.append("embed: between latent batches")
 
 
 def test_kill_while_writing_a_cache_shard(workdir):
     """SIGKILL with half of a shard's bytes on disk: only a temp file is left, never a shard."""
-    import tasks.contracts
-
-    def arm():
-        real = tasks.contracts.pq.write_table
-
-        def half_then_die(table, where, **kwargs):
-            real(table, where, **kwargs)
-            if "/cache/latents/" in str(where):
-                data = Path(where).read_bytes()
-                Path(where).write_bytes(data[: len(data) // 2])
-                die()
-
-        tasks.contracts.pq.write_table = half_then_die
-
-    killed_child(workdir, arm)
+    killed_child(workdir, "shard-write")
     assert_no_half_written_entry(workdir)
     leftovers = list((Path(workdir) / "cache" / "latents").glob(".shard-*.tmp"))
     assert leftovers, "the kill should have left the half-written temp file"
@@ -150,9 +182,7 @@ def test_kill_while_writing_a_cache_shard(workdir):
 
 
 def test_kill_between_training_steps(workdir):
-    import tasks.train
-
-    killed_child(workdir, lambda: on_call(tasks.train, "_update", 13))  # checkpoint-10 saved, 11-12 lost
+    killed_child(workdir, "train-step")
     assert_no_half_written_entry(workdir)
     (train_dir,) = (Path(workdir) / "cache" / "train").iterdir()
     assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["checkpoint-10"]
@@ -161,9 +191,7 @@ def test_kill_between_training_steps(workdir):
 
 
 def test_kill_while_saving_a_checkpoint(workdir):
-    import tasks.train
-
-    killed_child(workdir, lambda: on_call(tasks.train, "save_file", 1, before=False))  # lora saved, state.pt not
+    killed_child(workdir, "checkpoint")
     assert_no_half_written_entry(workdir)
     (train_dir,) = (Path(workdir) / "cache" / "train").iterdir()
     assert list(train_dir.glob("checkpoints/.checkpoint-20.tmp-*")), "the half-saved checkpoint folder"
@@ -171,29 +199,20 @@ def test_kill_while_saving_a_checkpoint(workdir):
 
 
 def test_kill_while_writing_evaluation_images(workdir):
-    import tasks.evaluate
-
-    killed_child(workdir, lambda: on_call(tasks.evaluate, "_write_png", 5))
+    killed_child(workdir, "evaluate")
     assert_no_half_written_entry(workdir)
     (eval_dir,) = (Path(workdir) / "cache" / "eval").iterdir()
     assert not (eval_dir / "done.json").exists() and len(list(eval_dir.rglob("*.png"))) == 4
     KILLS.append("evaluate: while writing images")
 
 
-def results_repo(workdir: Path) -> Path:
-    return WorkDir(Path(workdir)).resolve(short_demo().results.repo)
-
-
-def test_kill_while_copying_into_the_results_repo(workdir):
-    import shutil
-
-    repo = str(results_repo(workdir))
-    killed_child(workdir, lambda: on_call(shutil, "copyfile", 20, when=lambda src, dst, **kw: str(dst).startswith(repo)))
+def test_kill_while_copying_into_the_results_repo_path(workdir):
+    killed_child(workdir, "push-copy")
     KILLS.append("push: while copying files into the results repo")
 
 
 def test_kill_right_after_the_results_commit(workdir):
-    killed_child(workdir, lambda: on_call(oxen.Repo, "commit", 1, before=False))
+    killed_child(workdir, "push-commit")
     KILLS.append("push: after the commit, before the branch switch back")
 
 
@@ -230,7 +249,7 @@ def test_the_rerun_matches_an_uninterrupted_run(final, tmp_path_factory):
 
 
 def test_the_results_repo_has_exactly_one_commit_for_the_run(final, workdir):
-    repo = oxen.Repo(str(results_repo(workdir)))
+    repo = oxen.Repo(str(results_repo_path(workdir)))
     pushed = final["push"]
     assert repo.current_branch.name == "main"
     repo.checkout(pushed["branch"])

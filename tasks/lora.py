@@ -39,7 +39,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from configs import ModelsConfig
 from tasks.model_loading import load_transformer
@@ -89,12 +89,25 @@ def save_adapter(transformer: torch.nn.Module, out_dir: Path, base_model: str | 
         )
         config.save_pretrained(str(tmp))  # writes adapter_config.json
         packed = {f"transformer.{k}": v for k, v in json.loads((tmp / PEFT_CONFIG).read_text()).items()}
-        save_file(
+        _save_sorted_metadata(
             {f"transformer.{k}": v for k, v in state.items()},
             tmp / DIFFUSERS_WEIGHTS,
             metadata={"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)},
         )
     return Path(out_dir)
+
+
+def _save_sorted_metadata(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file, with the metadata keys in sorted order: safetensors writes them in the order of a
+    Rust HashMap, which changes from process to process, so the same adapter got other bytes."""
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= size:  # the same JSON, reordered: never longer; padded with spaces as before
+        data = data[:8] + text.ljust(size) + data[8 + size :]
+    path.write_bytes(data)
 
 
 def set_lora_scale(pipeline_or_transformer: torch.nn.Module, scale: float) -> int:

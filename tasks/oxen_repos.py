@@ -61,9 +61,25 @@ def repo_lock(repo_path: Path, timeout_s: float = 600.0) -> Iterator[None]:
                     raise OxenError(f"{repo_path}: still locked by another run after {timeout_s:.0f} s") from None
                 time.sleep(0.2)
         try:
+            _wait_for_oxen(repo_path, deadline)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wait_for_oxen(repo_path: Path, deadline: float) -> None:
+    """Wait while a process outside the pipeline (the oxen CLI, a server) holds Oxen's own lock on
+    the repo, which makes every call fail with '.oxen/refs/LOCK: Resource temporarily unavailable'."""
+    while (repo_path / ".oxen").is_dir():
+        try:
+            oxen.Repo(str(repo_path)).branches()
+            return
+        except ValueError as exc:
+            if "LOCK" not in str(exc):
+                return  # another problem: the operation itself reports it
+            if time.monotonic() > deadline:
+                raise OxenError(f"{repo_path}: another Oxen process keeps the repo locked ({exc})") from None
+            time.sleep(0.2)
 
 
 def import_folder(folder: Path, repo_path: Path, message: str) -> str:
@@ -309,29 +325,27 @@ def open_revision(
 def commit_to_branch(repo_path: Path, branch: str, files: dict[str, Path], message: str) -> str:
     """Commit `files` (repo-relative name -> local file) to `branch` of a local repo, in one commit.
 
-    Creates the repo (with an initial commit on main) and the branch as needed. The working tree
-    goes back to the branch it was on. If the branch's last commit has the same message, that
-    commit is returned and nothing is written: one run, one commit.
+    Creates the repo (with an initial commit on main) and the branch as needed; a new branch starts
+    at main. The working tree goes back to main (else to the branch it was on). If the branch's
+    last commit has the same message, that commit is returned and nothing is written: one run, one
+    commit. Uncommitted files, which only a push killed half-way leaves in a results repo, are
+    discarded first, so they never reach another run's commit.
     """
     ensure_user()
     with repo_lock(repo_path):
         if not (repo_path / ".oxen").is_dir():
-            repo_path.mkdir(parents=True, exist_ok=True)
-            repo = oxen.Repo(str(repo_path))
-            repo.init()
-            (repo_path / "README.md").write_text("# pixart-pipeline results\n\nOne branch per style run.\n")
-            repo.add(str(repo_path / "README.md"))
-            repo.commit("Initialise results repository")
+            _init_with_readme(repo_path, "# pixart-pipeline results\n\nOne branch per style run.\n")
         repo = oxen.Repo(str(repo_path))
-        original = repo.current_branch.name
+        original = "main" if repo.branch_exists("main") else repo.current_branch.name
         if repo.branch_exists(branch):
-            repo.checkout(branch)
+            _checkout(repo, branch)
             last = repo.log()[0]
             if last.message == message:
-                repo.checkout(original)
+                _checkout(repo, original)
                 return last.id
         else:
-            repo.checkout(branch, create=True)
+            _checkout(repo, original)  # not from a branch a killed push left checked out
+            _checkout(repo, branch, create=True)
         try:
             for name, source in sorted(files.items()):
                 target = repo_path / name
@@ -341,7 +355,53 @@ def commit_to_branch(repo_path: Path, branch: str, files: dict[str, Path], messa
                 repo.add(str(repo_path / top))
             return repo.commit(message).id
         finally:
-            repo.checkout(original)
+            _checkout(repo, original)
+
+
+def _init_with_readme(repo_path: Path, readme: str) -> None:
+    """A new repo whose first commit on main holds README.md, built beside `repo_path` and renamed
+    into place: a killed run never leaves a repo without that commit."""
+    repo_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo_path.name}.", dir=repo_path.parent))
+    try:
+        repo = oxen.Repo(str(staging))
+        repo.init()
+        (staging / "README.md").write_text(readme)
+        repo.add(str(staging / "README.md"))
+        repo.commit("Initialise results repository")
+        os.replace(staging, repo_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _checkout(repo: oxen.Repo, revision: str, create: bool = False) -> None:
+    """Check out `revision` with the working tree exactly its commit. oxen 0.65 can leave another
+    branch's files in a folder two branches share, and then refuse the next checkout over them
+    as "local changes" (found by tests/test_kills.py); only a results repo is handled this way:
+    uncommitted files are discarded (see commit_to_branch)."""
+    _discard_uncommitted(repo)
+    try:
+        repo.checkout(revision, create)
+    except ValueError as exc:
+        if "would be overwritten" not in str(exc):
+            raise
+        # Status shows the tree clean, so these files are committed content: remove and retry.
+        for name in re.findall(r"^\s+(\S.*)$", str(exc).partition("continuing:")[2], re.MULTILINE):
+            (Path(repo.path) / name).unlink(missing_ok=True)
+        repo.checkout(revision, create)
+    _discard_uncommitted(repo)
+
+
+def _discard_uncommitted(repo: oxen.Repo) -> None:
+    """Put the working tree back to its commit: unstage, restore, then remove untracked files."""
+    status = repo.status()
+    staged = status.added_files() + status.modified_files() + status.removed_files()
+    for path in staged:
+        repo.restore(path, staged=True)
+    changed = status.modified_files() + status.removed_files()
+    for path in changed + status.unstaged_modified_files() + status.unstaged_removed_files():
+        repo.restore(path)
+    repo.clean(force=True)
 
 
 # --- Updating a branch of a dataset repo (the captions branch) -----------------------------------

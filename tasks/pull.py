@@ -92,6 +92,11 @@ def safe_relative_path(file_name: object) -> str:
     return str(path)
 
 
+def _inside(repo_path: Path, rel_path: str) -> bool:
+    """Whether the file stays inside the repo once every symlink on its way is followed."""
+    return (repo_path / rel_path).resolve().is_relative_to(repo_path.resolve())
+
+
 def store_image(data: bytes, suffix: str, images_dir: Path, name: str | None = None) -> tuple[str, Path, int, int]:
     """Copy an image into the content-addressed store after checking that it decodes.
 
@@ -166,7 +171,7 @@ def pull_dataset(cfg: DatasetConfig, workdir: WorkDir) -> PullResult:
             if len(caption) > MAX_CAPTION_CHARS:
                 skip(f"caption is {len(caption)} characters long; the limit is {MAX_CAPTION_CHARS}")
                 continue
-            if repo_path is not None and not (repo_path / rel_path).resolve().is_relative_to(repo_path.resolve()):
+            if repo_path is not None and not _inside(repo_path, rel_path):
                 skip("path escapes the dataset through a symlink")  # reading it would follow the link
                 continue
             if rel_path in seen_names:

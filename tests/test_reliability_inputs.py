@@ -133,7 +133,9 @@ class CustomCase:
 
 def image_case(kind: str, data: bytes, ext: str, expect: str, pattern: str = "", check=None) -> DatasetCase:
     name = f"images/{kind}.{ext}"
-    return DatasetCase(kind, expect, [{"file_name": name, "text": kind}], {name: data}, pattern=pattern, check=check)
+    return DatasetCase(
+        kind, expect, [{"file_name": name, "text": kind}], {name: data}, pattern=pattern, check=check
+    )
 
 
 def row_case(kind: str, row, pattern: str, files: dict | None = None) -> DatasetCase:
@@ -346,11 +348,23 @@ def repo_missing(env: Env) -> None:
 
 def not_an_oxen_repo(env: Env) -> None:
     (env.root / "plain").mkdir(exist_ok=True)
-    fatal(OxenError, r"/plain: not an Oxen repository", pull_dataset, DatasetConfig(repo=str(env.root / "plain")), env.work)
+    fatal(
+        OxenError,
+        r"/plain: not an Oxen repository",
+        pull_dataset,
+        DatasetConfig(repo=str(env.root / "plain")),
+        env.work,
+    )
 
 
 def unknown_revision(env: Env) -> None:
-    fatal(OxenError, r"revision 'v9' does not exist", pull_dataset, DatasetConfig(repo=str(env.repo), revision="v9"), env.work)
+    fatal(
+        OxenError,
+        r"revision 'v9' does not exist",
+        pull_dataset,
+        DatasetConfig(repo=str(env.repo), revision="v9"),
+        env.work,
+    )
 
 
 def metadata_file_missing(env: Env) -> None:
@@ -487,7 +501,9 @@ def prompt_case(kind: str, data: bytes, pattern: str) -> CustomCase:
         path = env.root / "prompts" / f"{kind}.jsonl"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
-        fatal(ValueError, pattern.replace("PATH", re.escape(str(path))), read_prompts, path, "styled, {prompt}")
+        fatal(
+            ValueError, pattern.replace("PATH", re.escape(str(path))), read_prompts, path, "styled, {prompt}"
+        )
 
     return CustomCase(f"prompts-{kind}", run)
 
@@ -504,7 +520,9 @@ PROMPT_CASES = [
     prompt_case("missing-prompt-key", OK_PROMPT + b'{"text": "a fish"}\n', r"PATH:2: expected an object"),
     prompt_case("empty-prompt", OK_PROMPT + b'{"prompt": "  "}\n', r"PATH:2: expected an object"),
     prompt_case("prompt-not-text", b'{"prompt": 5}\n', r"PATH:1: expected an object"),
-    prompt_case("category-not-text", b'{"prompt": "a", "category": 3}\n', r"PATH:1: 'category' must be a string"),
+    prompt_case(
+        "category-not-text", b'{"prompt": "a", "category": 3}\n', r"PATH:1: 'category' must be a string"
+    ),
     prompt_case("no-prompts", b"\n\n", r"PATH: no prompts"),
     prompt_case("non-utf8", OK_PROMPT + b'{"prompt": "caf\xe9"}\n', r"PATH: not valid UTF-8"),
     CustomCase("prompts-file-missing", prompts_file_missing),

@@ -96,7 +96,9 @@ def cache_rows(folder: Path, schema: pa.Schema) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for shard in sorted(Path(folder).glob("shard-*.parquet")):
         for row in contracts.read_table(shard, schema).to_pylist():
-            assert rows.setdefault(row["key"], row) == row, f"{shard}: key {row['key']} differs between shards"
+            assert rows.setdefault(row["key"], row) == row, (
+                f"{shard}: key {row['key']} differs between shards"
+            )
     return rows
 
 
@@ -118,7 +120,9 @@ def outputs(run: dict) -> dict:
         "text cache": cache_rows(wd.text_cache, contracts.TEXT_EMBEDDINGS),
         "latent cache": cache_rows(wd.latent_cache, contracts.LATENTS),
         "train set": contracts.read_table(Path(run["embed"]["train_set"]), contracts.TRAIN_SET).to_pylist(),
-        "prompt set": contracts.read_table(Path(run["embed"]["prompt_set"]), contracts.PROMPT_SET).to_pylist(),
+        "prompt set": contracts.read_table(
+            Path(run["embed"]["prompt_set"]), contracts.PROMPT_SET
+        ).to_pylist(),
         "train log": (train_dir / "train_log.jsonl").read_bytes(),
         "adapter": file_bytes(train_dir / "adapter", "*"),
         "images": file_bytes(eval_dir, "**/*.png"),
@@ -148,7 +152,8 @@ def two_runs(tmp_path_factory, tiny_models) -> tuple[dict, dict]:
     script = SECOND_RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), workdir=str(workdir))
     env = dict(os.environ, PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=400, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     second = json.loads(done.stdout.strip().splitlines()[-1])
@@ -187,7 +192,9 @@ def test_adapter_and_images_are_not_trivially_equal(compared):
     found = compared[0]
     assert len(found["images"]) >= 12 and len(found["adapter"]) == 3
     base = {k: v for k, v in found["images"].items() if k.startswith("images/base/")}
-    lora = {k.replace("/lora/", "/base/"): v for k, v in found["images"].items() if k.startswith("images/lora/")}
+    lora = {
+        k.replace("/lora/", "/base/"): v for k, v in found["images"].items() if k.startswith("images/lora/")
+    }
     assert base.keys() == lora.keys() and any(base[k] != lora[k] for k in base)
     log = [json.loads(line) for line in found["train log"].decode().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 21))

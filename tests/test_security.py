@@ -29,7 +29,9 @@ from tasks.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(
-    path for folder in ("tasks", "flows", "configs", "bench", "data", "scripts") for path in (ROOT / folder).rglob("*.py")
+    path
+    for folder in ("tasks", "flows", "configs", "bench", "data", "scripts")
+    for path in (ROOT / folder).rglob("*.py")
 )
 OXEN_TOKEN = "oxen-SECRET-7f3a9c2e41d8"
 HF_TOKEN = "hf_SECRETa8b7c6d5e4f3a2b1"
@@ -91,10 +93,14 @@ def api_records(flow_run_id) -> tuple[list[str], list[str], dict]:
 
     with get_client(sync_client=True) as client:
         logs, offset = [], 0
-        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=offset):
+        while batch := client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=offset
+        ):
             logs += [log.message for log in batch]
             offset += len(batch)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
         parameters = client.read_flow_run(flow_run_id).parameters
     return logs, [json.dumps([a.data, a.description, a.key]) for a in artifacts], parameters
 
@@ -179,9 +185,15 @@ def test_torch_load_is_weights_only():
     for path, tree in parsed().items():
         for call in calls(tree):
             func = call.func
-            if isinstance(func, ast.Attribute) and func.attr == "load" and getattr(func.value, "id", None) == "torch":
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and getattr(func.value, "id", None) == "torch"
+            ):
                 found += 1
-                assert is_true(keyword(call, "weights_only")), f"{path}:{call.lineno}: torch.load without weights_only"
+                assert is_true(keyword(call, "weights_only")), (
+                    f"{path}:{call.lineno}: torch.load without weights_only"
+                )
     assert found >= 1  # train.py's checkpoint state
 
 
@@ -192,7 +204,9 @@ def test_nothing_unpickles():
     for path, tree in parsed().items():
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                assert not {a.name.split(".")[0] for a in node.names} & PICKLE_MODULES, f"{path}:{node.lineno}"
+                assert not {a.name.split(".")[0] for a in node.names} & PICKLE_MODULES, (
+                    f"{path}:{node.lineno}"
+                )
             if isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] not in PICKLE_MODULES, f"{path}:{node.lineno}"
             if isinstance(node, ast.Call):
@@ -201,9 +215,13 @@ def test_nothing_unpickles():
                 assert name not in {"read_pickle", "load_pickle"}, f"{path}:{node.lineno}"
                 serializer = keyword(node, "result_serializer")
                 if serializer is not None:  # Prefect's default result serializer is pickle
-                    assert isinstance(serializer, ast.Constant) and serializer.value == "json", f"{path}:{node.lineno}"
+                    assert isinstance(serializer, ast.Constant) and serializer.value == "json", (
+                        f"{path}:{node.lineno}"
+                    )
                 if is_true(keyword(node, "persist_result")):
-                    assert serializer is not None, f"{path}:{node.lineno}: persisted result without json serializer"
+                    assert serializer is not None, (
+                        f"{path}:{node.lineno}: persisted result without json serializer"
+                    )
 
 
 # Loaders whose from_pretrained reads no weights (tokenizers, processors, configs); PeftModel reads
@@ -265,7 +283,9 @@ def test_pickle_only_transformer_is_refused(tiny_models, tmp_path):
 
 def test_pickle_only_text_encoder_is_refused(tiny_models, tmp_path):
     marker = tmp_path / "code-ran"
-    folder = pickle_only_copy(tiny_models["pixart"], tmp_path / "pixart", marker, "text_encoder", "pytorch_model.bin")
+    folder = pickle_only_copy(
+        tiny_models["pixart"], tmp_path / "pixart", marker, "text_encoder", "pytorch_model.bin"
+    )
     with pytest.raises(OSError, match="models.pixart="):
         model_loading.load_text_encoder(ModelsConfig(pixart=str(folder)), torch.float32, torch.device("cpu"))
     assert not marker.exists()
@@ -283,7 +303,9 @@ def test_pickle_only_adapter_is_refused(tiny_models, tmp_path):
     marker = tmp_path / "code-ran"
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["to_q"]}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["to_q"]})
+    )
     booby_trap(adapter / "adapter_model.bin", marker)
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         merge_and_save(adapter, ModelsConfig(pixart="tiny:pixart"), tmp_path / "merged")

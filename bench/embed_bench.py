@@ -42,6 +42,22 @@ T0 = time.time()
 T5_COMPILE_BEFORE_S = 150  # skip the remaining compiled variants when the run is already this late
 
 
+def older_embed_versions() -> dict:
+    """Modules for BENCH_T5_VERSIONS="before=path.py,mid=path.py": copies of tasks/embed.py made
+    with `git show 7731adc:tasks/embed.py > .carry/embed_before.py`, so a change is timed against
+    the code it replaced on the same card."""
+    import importlib.util
+
+    versions = {}
+    for item in filter(None, os.environ.get("BENCH_T5_VERSIONS", "").split(",")):
+        name, path = item.split("=", 1)
+        spec = importlib.util.spec_from_file_location(f"embed_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        versions[name] = module
+    return versions
+
+
 class TokenCountTokenizer:
     """Stands in for T5's tokenizer: text 'cap<i>' has a fixed random length in 55..95 tokens
     (eos included), ids drawn from the real vocabulary range, pad id 0 on the right."""
@@ -185,13 +201,11 @@ def bench_t5(report: Report) -> None:
                 ("compiled_static16_warm", True, static_bucketed, 16)]  # fmt: skip
     if os.environ.get("BENCH_T5_STATIC") == "0":  # measured once (call 5); not needed again
         variants = variants[:3]
-    if os.environ.get("BENCH_T5_BEFORE") == "1":  # earlier versions of embed.py, eager, same call
-        variants = [("before_eager", False, None, 1), ("mid_eager", False, None, 1), *variants,
-                    ("before_eager_again", False, None, 1), ("eager_again", False, None, 1)]  # fmt: skip
-    import embed_before
-    import embed_mid
-
-    versions = {"before": embed_before, "mid": embed_mid}
+    versions = older_embed_versions()
+    if versions:  # earlier versions of embed.py, eager, in the same call
+        variants = [*((f"{name}_eager", False, None, 1) for name in versions), *variants,
+                    *((f"{name}_eager_again", False, None, 1) for name in versions),
+                    ("eager_again", False, None, 1)]  # fmt: skip
     for name, compile_on, compile_fn, pad_multiple in variants:
         embed = versions.get(name.split("_")[0], project_embed)
         if name.endswith("_cold"):

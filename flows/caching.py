@@ -32,20 +32,12 @@ from prefect import Task
 
 from configs import RunConfig
 from tasks import oxen_repos
-from tasks.cache import content_key
+from tasks.cache import content_key, file_sha256
 from tasks.embed import resolve_prompts_file
 from tasks.evaluate import evaluation_key
 from tasks.pull import ensure_dataset_repo, resolve_repo_path
 from tasks.train import training_key
 from tasks.workdir import WorkDir
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dataset_head(config: RunConfig, workdir: str) -> str:
@@ -76,7 +68,7 @@ def _pull(p: dict) -> dict:
 def _recaption(p: dict) -> dict:
     config: RunConfig = p["config"]
     return {
-        "manifest": file_digest(p["manifest_path"]),
+        "manifest": file_sha256(p["manifest_path"]),
         "recaption": config.recaption.model_dump(mode="json"),
         "llava": config.models.llava,
         "device": config.device,
@@ -87,11 +79,11 @@ def _recaption(p: dict) -> dict:
 def _embed(p: dict) -> dict:
     config: RunConfig = p["config"]
     return {
-        "manifest": file_digest(p["manifest_path"]),
-        "captions": file_digest(p["captions_path"]),
+        "manifest": file_sha256(p["manifest_path"]),
+        "captions": file_sha256(p["captions_path"]),
         "embed": config.embed.model_dump(mode="json"),
         "models": config.models.model_dump(mode="json", exclude={"llava"}),
-        "prompts": file_digest(resolve_prompts_file(config.evaluate.prompts_file)),
+        "prompts": file_sha256(resolve_prompts_file(config.evaluate.prompts_file)),
         "style_template": config.evaluate.style_template,
         "device": config.device,
         "dtype": config.dtype,
@@ -108,7 +100,7 @@ def _train(p: dict) -> dict:
 def _evaluate(p: dict) -> dict:
     return {
         "evaluation": evaluation_key(p["prompt_set_path"], p["adapter_dir"], p["config"]),
-        "train_set": file_digest(p["train_set_path"]),  # the style metrics compare with these latents
+        "train_set": file_sha256(p["train_set_path"]),  # the style metrics compare with these latents
         "caches": [p["text_cache"], p["latent_cache"], p["empty_text_key"]],
     }
 
@@ -119,7 +111,7 @@ def _push(p: dict) -> dict:
         "run_id": p["run_id"],
         "eval_dir": p["eval_dir"],  # named by a hash of the adapter bytes and sampling settings
         "adapter_dir": p["adapter_dir"],
-        "extra": {name: file_digest(path) for name, path in sorted(p["extra_files"].items())},
+        "extra": {name: file_sha256(path) for name, path in sorted(p["extra_files"].items())},
     }
 
 

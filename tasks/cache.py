@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 SHARD_OVERHEAD_BYTES = 64 * 1024  # parquet page headers, footer and metadata, with room to spare
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_key(**parts: object) -> str:
     """sha256 over a canonical JSON of the named parts: the cache key of one value."""
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)

@@ -18,7 +18,6 @@ beside the adapter folder) loaded into the applied adapter.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from configs import RunConfig
 from tasks import model_loading
-from tasks.cache import content_key
+from tasks.cache import content_key, file_sha256
 from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
 from tasks.embed import load_latent_dist, load_text_embeddings
 from tasks.lora import PEFT_CONFIG, PEFT_WEIGHTS, apply_lora
@@ -83,9 +82,9 @@ def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config:
     also made the empty prompt's)."""
     return content_key(
         prompts=read_table(Path(prompt_set_path), PROMPT_SET).to_pylist(),
-        adapter={name: _file_sha256(_adapter_file(adapter_dir, name)) for name in ADAPTER_FILES},
+        adapter={name: file_sha256(_adapter_file(adapter_dir, name)) for name in ADAPTER_FILES},
         checkpoints={
-            n: _file_sha256(checkpoint_file(adapter_dir, n)) for n in sorted(config.evaluate.checkpoints)
+            n: file_sha256(checkpoint_file(adapter_dir, n)) for n in sorted(config.evaluate.checkpoints)
         },
         evaluate=config.evaluate.model_dump(mode="json", exclude={"prompts_file", "style_template"}),
         pixart=config.models.pixart,
@@ -440,14 +439,6 @@ def _adapter_file(adapter_dir: str | Path, name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no {name}; expected a PEFT adapter folder")
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:

@@ -14,7 +14,6 @@ results repo holds exactly one commit for the run.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from tasks import contracts
 from tasks.oxen_repos import _checkout, commit_to_branch  # _checkout: plain oxen checkouts mix branches
 from tasks.push import commit_message
 from tasks.workdir import WorkDir
+from tests.forking import fork_context
 
 CACHES = {
     "captions": contracts.CAPTION_CACHE,
@@ -35,18 +35,6 @@ CACHES = {
     "latents": contracts.LATENTS,
 }
 KILLS: list[str] = []  # the kill points survived, for the README's figures
-# Children fork from a fresh server process that has imported the heavy libraries but not Oxen:
-# a plain fork of pytest would copy the threads of Oxen's Rust runtime half-alive and hang there.
-PRELOAD = [
-    "torch",
-    "diffusers",
-    "transformers",
-    "peft",
-    "accelerate",
-    "pyarrow.parquet",
-    "PIL.Image",
-    "prefect",
-]
 
 
 def die() -> None:
@@ -129,8 +117,7 @@ def child(workdir: str, kill: str) -> None:
 
 def killed_child(workdir: Path, kill: str, timeout_s: float = 240.0) -> None:
     """Run the pipeline in a child with kill point `kill`; it must die of SIGKILL, not finish or fail."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = fork_context()
     process = context.Process(target=child, args=(str(workdir), kill))
     process.start()
     process.join(timeout_s)
@@ -296,8 +283,7 @@ def test_a_push_killed_mid_copy_leaks_nothing_into_the_next_run(tmp_path):
         files[name].parent.mkdir(parents=True, exist_ok=True)
         files[name].write_text(f"run a: {name}\n")
     repo = tmp_path / "results"
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = fork_context()
     process = context.Process(target=push_child, args=(str(repo), {k: str(v) for k, v in files.items()}))
     process.start()
     process.join(120)

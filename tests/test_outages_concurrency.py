@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -41,25 +40,14 @@ from tasks.oxen_repos import OxenError, _checkout, commit_to_branch, repo_lock
 from tasks.pull import pull_task
 from tasks.recaption import recaption_task
 from tasks.workdir import WorkDir
+from tests.forking import fork_context
 
 CPU, F32 = torch.device("cpu"), torch.float32
-# Children fork from a fresh server that has imported the heavy libraries but not Oxen (see test_kills).
-PRELOAD = [
-    "torch",
-    "diffusers",
-    "transformers",
-    "peft",
-    "accelerate",
-    "pyarrow.parquet",
-    "PIL.Image",
-    "prefect",
-]
 
 
 def in_parallel(target, *calls: tuple, timeout_s: float = 240.0) -> list[int | None]:
     """Start target(*args) for every args tuple at once, each in its own process; their exit codes."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = fork_context()
     processes = [context.Process(target=target, args=args) for args in calls]
     for process in processes:
         process.start()

@@ -25,7 +25,7 @@ COPY flows ./flows
 COPY data ./data
 # Versions are pinned in pyproject.toml, which hadolint cannot see.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[gpu]" \
+RUN pip install --no-cache-dir ".[gpu,distributed]" \
     && useradd --create-home --uid 10001 pipeline
 USER 10001
 ENTRYPOINT ["pixart-pipeline"]

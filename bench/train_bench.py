@@ -11,9 +11,10 @@ the LoRA step through accelerate (gather + .item() of the loss, clip, AdamW). To
 directly (the tokenizer call is <1 ms and needs the real spiece model).
 
 `project` builds the same random PixArt-XL-2 transformer on the GPU (tasks.train.load_transformer
-is replaced by the builder; everything after it is the project's code) and feeds a synthetic
-in-memory CachedTrainSet of the cached shapes: 120x4096 embeddings (40..120 valid tokens),
-4x64x64 latent mean/std.
+is replaced by the builder; everything after it is the project's code) and feeds it from a
+synthetic training view (tasks/cached_dataset.py) written through the caches as the embed stage
+writes it: bfloat16 120x4096 embeddings (40..120 valid tokens), 4x64x64 latent mean/std, flipped
+variants. tasks.train.serve_view puts it on the GPU, as training does.
 """
 
 from __future__ import annotations
@@ -165,19 +166,38 @@ def bench_reference(report: Report, batch_size: int = 2) -> None:
 # The project's trainer.
 
 
-def synthetic_train_set(n: int):
-    from tasks.train import CachedTrainSet
+def synthetic_view(folder, n: int):
+    """A training view of n random samples in the cached shapes and dtypes (bfloat16)."""
+    import pyarrow as pa
+
+    from tasks import contracts
+    from tasks.cache import ShardedCache
+    from tasks.cached_dataset import CachedTrainView, build_train_view
+    from tasks.embed import build_train_set, tensor_bytes
 
     rng = torch.Generator().manual_seed(0)
-    embeds = torch.randn(n, 120, CAPTION_DIM, generator=rng) * 0.1
-    mask = torch.zeros(n, 120, dtype=torch.long)
+    texts, latents, latent_keys = [], [], []
     for i, length in enumerate(torch.randint(40, 121, (n,), generator=rng).tolist()):
-        mask[i, :length] = 1
-    embeds *= mask[..., None]
-    mean = torch.randn(n, 4, LATENT, LATENT, generator=rng) * 4
-    std = torch.full((n, 4, LATENT, LATENT), 0.1)
-    flipped = (mean.flip(-1), std.flip(-1))
-    return CachedTrainSet([f"i{i}" for i in range(n)], embeds, mask, mean, std, flipped)
+        embedding = (torch.randn(length, CAPTION_DIM, generator=rng) * 0.1).bfloat16()
+        texts.append({"key": f"t{i}", "text": f"caption {i}", "length": length, "dim": CAPTION_DIM,
+                      "dtype": "bfloat16", "embedding": tensor_bytes(embedding)})  # fmt: skip
+        mean = torch.randn(4, LATENT, LATENT, generator=rng) * 4
+        for flipped in (False, True):
+            latents.append({"key": f"l{i}-{flipped}", "image_id": f"i{i}", "flipped": flipped, "channels": 4,
+                            "height": LATENT, "width": LATENT, "dtype": "bfloat16",
+                            "mean": tensor_bytes((mean.flip(-1) if flipped else mean).bfloat16()),
+                            "std": tensor_bytes(torch.full_like(mean, 0.1).bfloat16())})  # fmt: skip
+        latent_keys.append((f"l{i}-False", f"l{i}-True"))
+    ShardedCache(folder / "text", contracts.TEXT_EMBEDDINGS).write(
+        pa.Table.from_pylist(texts, schema=contracts.TEXT_EMBEDDINGS)
+    )
+    ShardedCache(folder / "latents", contracts.LATENTS).write(
+        pa.Table.from_pylist(latents, schema=contracts.LATENTS)
+    )
+    rows = [{"image_id": f"i{i}", "caption": f"caption {i}"} for i in range(n)]
+    train_set = build_train_set(rows, [f"t{i}" for i in range(n)], latent_keys, folder)
+    view = build_train_view(train_set, folder / "text", folder / "latents", 120, folder / "train_view")
+    return CachedTrainView(view)
 
 
 def run_config(**train):
@@ -195,7 +215,7 @@ def run_config(**train):
 def bench_variant(
     report,
     accelerator,
-    data_cpu,
+    view,
     name,
     *,
     fused=True,
@@ -230,7 +250,7 @@ def bench_variant(
         )
     lr_scheduler = get_scheduler("constant", optimizer)
     model, optimizer = accelerator.prepare(transformer, optimizer)
-    data = data_cpu.to(DEVICE, torch.bfloat16) if gpu_data else data_cpu
+    data = tt.serve_view(view, DEVICE) if gpu_data else view  # else: gathered from the mapped pages
     plan = tt.StepPlan(len(data), cfg.batch_size, 1, cfg.seed)
     noise_scheduler = ddpm_scheduler()
 
@@ -248,7 +268,7 @@ def bench_variant(
         losses.append(loss)
 
     result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": cfg.compile,
-              "fused_adamw": fused, "gpu_resident_data": gpu_data, "baseline_alloc_GiB": baseline}  # fmt: skip
+              "fused_adamw": fused, "data": type(data).__name__, "baseline_alloc_GiB": baseline}  # fmt: skip
     context = nullcontext()
     if attn is not None:  # pin SDPA's backends; a fresh compile so the graph picks them up
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -311,15 +331,18 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_data_path(report, data_cpu, batch_size: int) -> None:
-    """Cost of CachedTrainSet.batch per step: host-resident (old) vs GPU-resident (new)."""
-    idx, flip = torch.arange(batch_size), torch.rand(batch_size) < 0.5
-    gpu = data_cpu.to(DEVICE, torch.bfloat16)
-    host_s, _ = timed(lambda: data_cpu.batch(idx, flip, DEVICE), 2, 10)
-    dev_s, _ = timed(lambda: gpu.batch(idx, flip, DEVICE), 2, 10)
-    report.add(f"data_batch_b{batch_size}", {"host_resident_ms": round(host_s * 1e3, 2),
-                                             "gpu_resident_ms": round(dev_s * 1e3, 2)})  # fmt: skip
-    del gpu
+def bench_data_path(report, view, batch_size: int) -> None:
+    """Cost of one batch: gathered from the mapped view (pages already cached) and copied over
+    pinned, vs gathered from the view's copy on the device."""
+    from tasks.cached_dataset import DeviceTrainView
+
+    idx, flip = torch.randperm(len(view))[:batch_size], torch.rand(batch_size) < 0.5
+    resident = DeviceTrainView(view, DEVICE)
+    mapped_s, _ = timed(lambda: view.batch(idx, flip, DEVICE), 2, 10)
+    dev_s, _ = timed(lambda: resident.batch(idx, flip, DEVICE), 2, 10)
+    report.add(f"data_batch_b{batch_size}", {"mapped_pinned_ms": round(mapped_s * 1e3, 2),
+                                             "device_resident_ms": round(dev_s * 1e3, 2)})  # fmt: skip
+    del resident
     free()
 
 
@@ -369,14 +392,14 @@ def bench_project(report: Report) -> None:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, 16)  # one compiled graph per batch size tried below
     accelerator = Accelerator(mixed_precision="bf16", cpu=DEVICE.type == "cpu")
-    data_cpu = synthetic_train_set(64 if TINY else 256)
+    view = synthetic_view(OUT_TMP / "train_data", 64 if TINY else 256)
     if DEVICE.type == "cuda":
         try:
             bench_attention(report)
         except Exception as exc:
             report.add("attention_b32_fwd_bwd", {"error": f"{type(exc).__name__}: {exc}"[:500]})
         free()
-    bench_data_path(report, data_cpu, 32)
+    bench_data_path(report, view, 32)
 
     variants = [
         (
@@ -417,7 +440,7 @@ def bench_project(report: Report) -> None:
         if time.time() - T0 > BUDGET_S:
             report.add(name, {"skipped": f"time budget {BUDGET_S:.0f}s reached"})
             continue
-        bench_variant(report, accelerator, data_cpu, name, **kwargs)
+        bench_variant(report, accelerator, view, name, **kwargs)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,32 @@ class ResultsConfig(OxenRepoConfig):
     )
 
 
+class DistributedConfig(Strict):
+    """Fan re-captioning and embedding out over Dask workers before those stages (flows/fanout.py).
+
+    Outputs do not change: the workers write into the same content-addressed caches, and the
+    stages then run as usual and find every value there. So these settings stay out of the run id."""
+
+    engine: Literal["none", "dask"] = Field(
+        "none", description="'dask': shards of the dataset run on Dask workers first, one GPU each."
+    )
+    workers: int = Field(
+        2, ge=1, le=1024, description="Shards per run, and processes of a local cluster (one GPU each)."
+    )
+    address: str | None = Field(
+        None,
+        min_length=1,
+        description="Scheduler of a running Dask cluster, e.g. 'tcp://10.0.0.5:8786' (it needs the work dir "
+        "at the same path); default: a local cluster of `workers` processes for this run.",
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> DistributedConfig:
+        if self.address and self.engine != "dask":
+            raise ValueError("address names a Dask scheduler: set engine: dask too")
+        return self
+
+
 class RunConfig(Strict):
     """One style run: dataset in, LoRA and evaluation images out."""
 
@@ -253,6 +279,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     results: ResultsConfig = Field(default_factory=ResultsConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _8bit_adam_needs_cuda(self) -> RunConfig:
@@ -283,8 +310,10 @@ class RunConfig(Strict):
         return self
 
     def fingerprint(self) -> str:
-        """A short, stable hash of every setting; part of the run id and the results lineage."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A short, stable hash of every setting that can change an output; part of the run id and
+        the results lineage. Where the work runs (`distributed`) cannot, so it is left out."""
+        settings = self.model_dump(mode="json", exclude={"distributed"})
+        canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from configs import RunConfig
+from flows.fanout import fan_out
 from flows.gpu import gpu_slot
 from tasks.caption_versions import commit_captions_task, recaption_run_id
 from tasks.pull import pull_task
@@ -31,6 +32,7 @@ def recaption_flow(config: RunConfig, workdir: str = "pixart-work") -> dict:
 
     pulled = pull_task(config, workdir)
     run_dir = str(WorkDir(Path(workdir)).run_dir(recaption_run_id(config, pulled["commit_id"])))
+    fan_out(pulled["manifest"], config, workdir, ["recaption"])  # distributed.engine: dask
     with gpu_slot("recaption"):  # waits while a style run's GPU stage holds the card (flows/gpu.py)
         captions = recaption_task(pulled["manifest"], config, workdir, run_dir)
     committed = commit_captions_task(

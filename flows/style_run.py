@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import (
     create_image_artifact,
@@ -24,6 +27,7 @@ from prefect.artifacts import (
 
 from configs import RunConfig
 from flows.caching import cached, is_cached, missing_files
+from flows.fanout import fan_out
 from flows.gpu import gpu_slot
 from tasks import artifacts
 from tasks.embed import embed_task, read_prompts, resolve_prompts_file
@@ -40,12 +44,17 @@ CAPTION_ROWS = 20  # captions shown in the UI table
 
 class RunBoard:
     """Runs the stages and shows the run in the UI: a progress artifact updated after every stage,
-    and one artifact per result. A failed artifact is a warning, never a failed run."""
+    and one artifact per result. A failed artifact is a warning, never a failed run.
+
+    It also measures each stage (`usage`): wall seconds and, where CUDA is available, the peak
+    GPU memory and what the stage leaves allocated. Each stage's result carries its record under
+    "usage", which the run summary gathers (tasks.lineage.write_run_summary)."""
 
     def __init__(self, config: RunConfig, workdir: str):
         self.workdir = workdir
         self.prefix = artifacts.artifact_key(config.run_name)
         self.states: dict[str, str] = {}
+        self.usage: dict[str, dict] = {}
         self.logger = get_run_logger()
         self.progress_id = self.publish(
             create_progress_artifact, progress=0.0, key=self.key("progress"),
@@ -53,10 +62,11 @@ class RunBoard:
         )  # fmt: skip
 
     def stage(self, name: str, task: Task, *args, gpu: bool = False) -> dict:
-        """Run one stage as a cached task; a GPU stage holds a GPU slot unless its result is cached."""
+        """Run one stage as a cached task; a GPU stage holds a GPU slot unless its result is cached.
+        Returns the stage's result with its `usage` (see `measure`; the wait for a slot excluded)."""
         stage = cached(task, name, self.workdir)
         needs_gpu = gpu and not is_cached(task, name, self.workdir, args)
-        with gpu_slot(name) if needs_gpu else contextlib.nullcontext():
+        with gpu_slot(name) if needs_gpu else contextlib.nullcontext(), self.measure() as usage:
             state = stage(*args, return_state=True)
             result = state.result()  # raises the stage's own error
             if state.name == "Cached" and (missing := missing_files(result)):
@@ -64,6 +74,8 @@ class RunBoard:
                 state = stage.with_options(refresh_cache=True)(*args, return_state=True)
                 result = state.result()
         self.states[name] = state.name
+        self.usage[name] = usage
+        self.logger.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in usage.items() if v is not None))
         done = len(self.states)
         if self.progress_id is not None:
             following = artifacts.STAGES[done] if done < len(artifacts.STAGES) else None
@@ -72,7 +84,34 @@ class RunBoard:
                 progress=100.0 * done / len(artifacts.STAGES),
                 description=artifacts.progress_description(self.states, following),
             )  # fmt: skip
-        return result
+        return {**result, "usage": usage}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def measure() -> Iterator[dict]:
+        """Yields a dict filled when the block ends: wall_s, and with CUDA available peak_gib (the
+        block's peak allocated), peak_reserved_gib (the allocator's peak hold on the card), and
+        allocated_before_gib / allocated_after_gib; None without CUDA. Queries only: CUDA is not
+        initialised here, so a CPU run on a GPU machine does not create a context."""
+        gpu = torch.cuda.is_available()
+        if gpu and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if gpu else None
+        usage: dict = {}
+        start = time.perf_counter()
+        yield usage
+        if gpu and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        usage["wall_s"] = round(time.perf_counter() - start, 3)
+
+        def gib(value: int | None) -> float | None:
+            return None if value is None else round(value / 2**30, 3)
+
+        usage["peak_gib"] = gib(torch.cuda.max_memory_allocated() if gpu else None)
+        usage["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved() if gpu else None)
+        usage["allocated_before_gib"] = gib(before)
+        usage["allocated_after_gib"] = gib(torch.cuda.memory_allocated() if gpu else None)
 
     def key(self, name: str) -> str:
         return artifacts.artifact_key(self.prefix, name)
@@ -124,6 +163,8 @@ def style_run(config: RunConfig, workdir: str = "runs") -> dict:
     run_dir = str(Path(workdir) / "runs" / run_id)
     logger.info("run %s in %s", run_id, run_dir)
 
+    with run.measure() as fanout_usage:  # distributed.engine: dask; nothing to do otherwise
+        fanned = fan_out(pulled["manifest"], config, workdir, ["recaption", "embed"])
     captions = run.stage("recaption", recaption_task, pulled["manifest"], config, workdir, run_dir, gpu=True)
     shown = min(CAPTION_ROWS, captions["rows"])
     run.table("captions", artifacts.caption_rows(captions["captions"], CAPTION_ROWS),
@@ -157,6 +198,10 @@ def style_run(config: RunConfig, workdir: str = "runs") -> dict:
     results = {"pull": pulled, "recaption": captions, "embed": embeddings, "train": trained,
                "evaluate": evaluated, "push": pushed}  # fmt: skip
     stages = {name: {**result, "state": run.states[name]} for name, result in results.items()}
+    if fanned:
+        workers = len({shard["worker"] for shard in fanned})
+        stages = {"fanout": {"shards": len(fanned), "workers": workers, "state": "Completed",
+                             "usage": fanout_usage}, **stages}  # fmt: skip
     summary = write_run_summary(Path(run_dir), stages, run_id)
     logger.info(
         "results: %s@%s (%s); summary %s", pushed["repo"], pushed["branch"], pushed["commit_id"], summary

@@ -19,10 +19,18 @@ at about one shard; rows are written in the order found and the index says where
 view is built in a temp folder and renamed into place, so it is complete or absent; shards are
 checked (checksums) as they are read, so the view holds only verified values. Values keep the
 cache's dtype: bfloat16 is stored as its 16-bit patterns (uint16) and viewed as bfloat16 by torch.
+Builders of one folder take turns under a file lock (`.<folder>.lock` beside it), so processes
+that start at once build it once: the later ones find the first one's view current and reuse it.
+
+On a GPU with room to spare, DeviceTrainView copies the view's tensors onto the device once and
+gathers each batch there; otherwise CachedTrainView gathers from the mapped pages and copies the
+batch over through pinned memory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -136,6 +144,15 @@ class TensorFile:
                 out[name][picked] = self.chunks[name][chunk][rows[picked] - self._starts[chunk]]
         return out
 
+    def load(self, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Every row of `names` as tensors on `device`, copied over one record batch at a time
+        (so the host holds one batch's copy, not the whole file's)."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for start, stop in itertools.pairwise(self._starts.tolist()):
+            for name, array in self.take(np.arange(start, stop), names).items():
+                parts[name].append(_to_torch(array, self.dtypes[name]).to(device))
+        return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
 
 def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
@@ -164,14 +181,24 @@ def build_train_view(
     if train_set.num_rows == 0:
         raise ViewError(f"{train_set_path}: no training rows")
     key, view_dir = view_key(train_set, max_length), Path(view_dir)
-    if _is_current(view_dir, key):
+    if is_current(view_dir, key):
         return view_dir
+    with _build_lock(view_dir):
+        if is_current(view_dir, key):  # another process built it while this one waited
+            return view_dir
+        _write_view(train_set, Path(text_cache), Path(latent_cache), max_length, key, view_dir)
+    return view_dir
+
+
+def _write_view(
+    train_set: pa.Table, text_cache: Path, latent_cache: Path, max_length: int, key: str, view_dir: Path
+) -> None:
     rows = train_set.to_pylist()
-    with _atomic_dir(view_dir, key) as tmp:
+    with _atomic_dir(view_dir) as tmp:
         files: dict[str, dict] = {}
-        text_rows = _write_texts(tmp, Path(text_cache), {r["text_key"] for r in rows}, max_length, files)
+        text_rows = _write_texts(tmp, text_cache, {r["text_key"] for r in rows}, max_length, files)
         latent_keys = {k for r in rows for k in (r["latent_key"], r["flipped_latent_key"]) if k}
-        latent_at = _write_latents(tmp, Path(latent_cache), latent_keys, files)
+        latent_at = _write_latents(tmp, latent_cache, latent_keys, files)
         index = []
         for number, row in enumerate(rows):
             latent_file, latent_row = latent_at[row["latent_key"]]
@@ -179,7 +206,9 @@ def build_train_view(
             if row["flipped_latent_key"]:
                 flipped_file, flipped_row = latent_at[row["flipped_latent_key"]]
                 if flipped_file != latent_file:
-                    raise ViewError(f"{train_set_path}: row {number}: flipped latent has another shape")
+                    raise ViewError(
+                        f"{latent_cache}: image {row['image_id']}: flipped latent has another shape"
+                    )
             index.append({
                 "image_id": row["image_id"], "bucket": row["bucket"], "text_row": text_rows[row["text_key"]],
                 "latent_file": latent_file, "latent_row": latent_row, "flipped_row": flipped_row,
@@ -194,7 +223,6 @@ def build_train_view(
             "files": files,
         }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the view complete
-    return view_dir
 
 
 def _write_texts(
@@ -273,30 +301,46 @@ def _read_info(view_dir: Path) -> dict:
     return info
 
 
-def _is_current(view_dir: Path, key: str) -> bool:
+def is_current(view_dir: Path, key: str) -> bool:
+    """Whether `view_dir` holds a complete, untruncated view with content key `key`."""
     try:
-        return _read_info(view_dir)["key"] == key
+        return _read_info(Path(view_dir))["key"] == key
     except ViewError:
         return False
 
 
 @contextmanager
-def _atomic_dir(dest: Path, key: str) -> Iterator[Path]:
-    """A temp folder that replaces `dest` when the block succeeds. Two runs building the same
-    view at once both succeed: whichever renames last wins, and both views are identical."""
+def _build_lock(dest: Path) -> Iterator[None]:
+    """An exclusive lock on building `dest`, held until the block ends. flock is released by
+    the kernel when its holder dies, so a killed builder never leaves the folder locked."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _atomic_dir(dest: Path) -> Iterator[Path]:
+    """A temp folder that replaces `dest` when the block succeeds; callers hold _build_lock(dest).
+
+    The old `dest` is renamed aside before the new one moves in, never deleted in place, so a
+    reader sees a whole view or none; one that mapped the old files keeps them until it closes.
+    Temp folders of builders killed earlier are removed first: under the lock nobody uses them.
+    """
+    for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        if dest.exists():  # stale (another key) or incomplete; a reader that mapped it keeps its files
-            shutil.rmtree(dest, ignore_errors=True)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _is_current(dest, key):  # not a concurrent run that finished the same view first
-                raise
+        if dest.exists():  # stale (another key) or incomplete
+            os.replace(dest, tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        os.replace(tmp, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # --- Reading ---------------------------------------------------------------------------------------
@@ -305,10 +349,10 @@ def _atomic_dir(dest: Path, key: str) -> Iterator[Path]:
 class CachedTrainView:
     """Training batches from a view folder, memory-mapped.
 
-    batch(indices, flip) -> {"embeds": [B, max_length, dim] in the cached dtype (zero past each
-    caption), "mask": [B, max_length] long, "mean", "std": [B, C, h, w] float32, unscaled}.
-    Indices are rows of train_set.parquet; one batch must come from one latent size (see
-    tasks.buckets.bucket_batches when buckets are on).
+    batch(indices, flip, device) -> {"embeds": [B, max_length, dim] in the cached dtype (zero past
+    each caption), "mask": [B, max_length] long, "mean", "std": [B, C, h, w] float32, unscaled},
+    on `device` when given. Indices are rows of train_set.parquet; one batch must come from one
+    latent size (`latent_sizes`; see tasks.buckets.bucket_batches when buckets are on).
     """
 
     def __init__(self, path: str | Path):
@@ -326,11 +370,17 @@ class CachedTrainView:
                 )
         if index.num_rows != info["rows"]:
             raise ViewError(f"{self.path / INDEX_FILE}: {index.num_rows} rows, view.json says {info['rows']}")
+        self.nbytes: int = sum(meta["bytes"] for meta in info["files"].values())  # the tensor files
         self.image_ids: list[str] = index.column("image_id").to_pylist()
         self.buckets: list[str | None] = index.column("bucket").to_pylist()
         self._file_names = sorted(self.latents)
         number = {name: i for i, name in enumerate(self._file_names)}
-        self._file_of = np.array([number[name] for name in index.column("latent_file").to_pylist()])
+        latent_files = index.column("latent_file").to_pylist()
+        self._file_of = np.array([number[name] for name in latent_files])
+        # "<h>x<w>" of each row's latents: rows of one size can share a batch.
+        self.latent_sizes: list[str] = [
+            name.removeprefix("latents-").removesuffix(".arrow") for name in latent_files
+        ]
         self._text_row = index.column("text_row").to_numpy()
         self._latent_row = index.column("latent_row").to_numpy()
         self._flipped_row = index.column("flipped_row").fill_null(-1).to_numpy()
@@ -343,8 +393,9 @@ class CachedTrainView:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def batch(self, indices, flip=None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """The rows `indices` (ints); where `flip` (bools, one per index) is set, the mirrored latents."""
+    def locate(self, indices, flip=None) -> tuple[np.ndarray, str, np.ndarray]:
+        """(rows of texts.arrow, latent file, rows in it) of the train-set rows `indices` (ints);
+        where `flip` (bools, one per index) is set, the rows of the mirrored latents."""
         indices = np.asarray(indices, dtype=np.int64)
         files = np.unique(self._file_of[indices])
         if len(files) != 1:
@@ -357,15 +408,65 @@ class CachedTrainView:
             if not self.has_flipped:
                 raise ValueError(f"{self.path}: flip asked for, but the view has no flipped latents")
             latent_rows = np.where(np.asarray(flip, dtype=bool), self._flipped_row[indices], latent_rows)
+        return self._text_row[indices], self._file_names[files[0]], latent_rows
 
-        text = self.texts.take(self._text_row[indices], ["embedding", "length"])
-        latents = self.latents[self._file_names[files[0]]]
+    def batch(self, indices, flip=None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The rows `indices`, gathered from the mapped pages (see the class doc)."""
+        text_rows, name, latent_rows = self.locate(indices, flip)
+        text = self.texts.take(text_rows, ["embedding", "length"])
+        latents = self.latents[name]
         dist = latents.take(latent_rows, ["mean", "std"])
-        lengths = torch.from_numpy(text["length"]).long()
-        out = {
-            "embeds": _to_torch(text["embedding"], self.texts.dtypes["embedding"]),
-            "mask": (torch.arange(self.max_length)[None, :] < lengths[:, None]).long(),
-            "mean": _to_torch(dist["mean"], latents.dtypes["mean"]).float(),
-            "std": _to_torch(dist["std"], latents.dtypes["std"]).float(),
-        }
-        return out if device is None else {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        tensors = (
+            _to_torch(text["embedding"], self.texts.dtypes["embedding"]),
+            torch.from_numpy(text["length"]),
+            _to_torch(dist["mean"], latents.dtypes["mean"]),
+            _to_torch(dist["std"], latents.dtypes["std"]),
+        )
+        return _batch_dict(*(_to_device(t, device) for t in tensors), max_length=self.max_length)
+
+
+class DeviceTrainView:
+    """A view's tensor files copied onto `device` once; batch() (same as CachedTrainView's)
+    then gathers on the device, so a step's host work is only finding the rows."""
+
+    def __init__(self, view: CachedTrainView, device: torch.device):
+        self.view, self.device, self.has_flipped = view, device, view.has_flipped
+        self.texts = view.texts.load(["embedding", "length"], device)
+        self.latents = {name: tensors.load(["mean", "std"], device) for name, tensors in view.latents.items()}
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def batch(self, indices, flip=None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        text_rows, name, latent_rows = self.view.locate(indices, flip)
+        text_rows, latent_rows = (torch.from_numpy(r).to(self.device) for r in (text_rows, latent_rows))
+        latents = self.latents[name]
+        tensors = (
+            self.texts["embedding"][text_rows],
+            self.texts["length"][text_rows],
+            latents["mean"][latent_rows],
+            latents["std"][latent_rows],
+        )
+        return _batch_dict(*(_to_device(t, device) for t in tensors), max_length=self.view.max_length)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    if device is None:
+        return tensor
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        # Pinned, so the copy runs asynchronously; the caching host allocator keeps the pinned
+        # buffer until the copy is done.
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _batch_dict(embeds, lengths, mean, std, max_length: int) -> dict[str, torch.Tensor]:
+    """The batch as CachedTrainView documents it; the mask and float32 casts made where the
+    tensors already are (on the GPU, not the host)."""
+    positions = torch.arange(max_length, device=lengths.device)
+    return {
+        "embeds": embeds,
+        "mask": (positions[None, :] < lengths.long()[:, None]).long(),
+        "mean": mean.float(),
+        "std": std.float(),
+    }

@@ -78,7 +78,10 @@ def text_embedding_key(
     text: str, encoder_id: str, max_length: int, dtype: str, revision: str | None = None
 ) -> str:
     """An unpinned revision (None: the hub's main branch) cannot tell when upstream weights change;
-    pin a commit in models.*_revision for caches that must follow the weights exactly."""
+    pin a commit in models.*_revision for caches that must follow the weights exactly.
+    Left out on purpose: embed.batch_size and embed.compile. Both change bf16 values only by
+    rounding (other kernels, other padding), as the re-caption key leaves out its static cache;
+    keying on them would recompute every embedding for a speed setting."""
     return content_key(
         kind="text", text=text, encoder=encoder_id, revision=revision, max_length=max_length, dtype=dtype
     )  # fmt: skip

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from configs import RunConfig
 from tasks import model_loading
+from tasks.buckets import bucket_name
 from tasks.cache import content_key, file_sha256
 from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
 from tasks.embed import load_latent_dist, load_text_embeddings
@@ -96,11 +97,23 @@ def evaluation_key(prompt_set_path: str | Path, adapter_dir: str | Path, config:
 # ---- inputs ----------------------------------------------------------------------------------
 
 
-def load_train_latents(train_set_path: str | Path, latent_cache: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The training images' cached VAE posteriors (mean, std), unscaled, [n, channels, height, width]."""
-    keys = read_table(Path(train_set_path), TRAIN_SET).column("latent_key").to_pylist()
-    if not keys:
+def load_train_latents(
+    train_set_path: str | Path, latent_cache: str | Path, resolution: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training images' cached VAE posteriors (mean, std), unscaled, [n, channels, height, width].
+
+    Only images of the samples' square `resolution` count: with aspect-ratio buckets on, the
+    others' latents have other shapes, and the metrics compare distributions of one shape."""
+    rows = read_table(Path(train_set_path), TRAIN_SET).select(["latent_key", "bucket"]).to_pylist()
+    if not rows:
         raise ValueError(f"{train_set_path}: no training rows to compare the samples with")
+    square = bucket_name((resolution, resolution))
+    keys = [row["latent_key"] for row in rows if row["bucket"] in (None, square)]
+    if not keys:
+        raise ValueError(
+            f"{train_set_path}: no training image in the {square} bucket to compare the samples with "
+            f"(all {len(rows)} are in non-square aspect-ratio buckets)"
+        )
     means, stds = load_latent_dist(Path(latent_cache), keys)
     return means.numpy(), stds.numpy()
 
@@ -223,7 +236,8 @@ def sample_all(
             f"expects {transformer.config.caption_channels} (another text encoder?)"
         )
     pipe = build_pipeline(transformer, vae, config)
-    means, stds = (a * vae.config.scaling_factor for a in load_train_latents(train_set_path, latent_cache))
+    train_latents = load_train_latents(train_set_path, latent_cache, config.embed.resolution)
+    means, stds = (a * vae.config.scaling_factor for a in train_latents)
     side = config.embed.resolution // pipe.vae_scale_factor
     if means.shape[1:] != (transformer.config.in_channels, side, side):
         raise ValueError(

@@ -82,5 +82,13 @@ def write_run_files(config: RunConfig, run_dir: Path, lineage: dict) -> dict[str
 
 
 def write_run_summary(run_dir: Path, stages: dict, run_id: str) -> Path:
-    summary = {"run_id": run_id, "finished_at": datetime.now(UTC).isoformat(), "stages": stages}
+    """run_summary.json: each stage's result and state under `stages`, and, when the stages carry
+    the `usage` that flows.style_run.RunBoard measures, one table of them under `usage`:
+    {"stages": {stage: {wall_s, peak_gib, peak_reserved_gib, allocated_before_gib,
+    allocated_after_gib}}, "wall_s": their sum} (GPU fields null without CUDA)."""
+    usage = {name: stage["usage"] for name, stage in stages.items() if "usage" in stage}
+    results = {name: {k: v for k, v in stage.items() if k != "usage"} for name, stage in stages.items()}
+    summary = {"run_id": run_id, "finished_at": datetime.now(UTC).isoformat(), "stages": results}
+    if usage:
+        summary["usage"] = {"stages": usage, "wall_s": round(sum(u["wall_s"] for u in usage.values()), 3)}
     return write_json(run_dir / "run_summary.json", summary)

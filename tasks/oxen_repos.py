@@ -374,26 +374,47 @@ def _init_with_readme(repo_path: Path, readme: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _checkout(repo: oxen.Repo, revision: str, create: bool = False) -> None:
+def _checkout(
+    repo: oxen.Repo, revision: str, create: bool = False, keep: frozenset[Path] = frozenset()
+) -> None:
     """Check out `revision` with the working tree exactly its commit. oxen 0.65 can leave another
-    branch's files in a folder two branches share, and then refuse the next checkout over them
-    as "local changes" (found by tests/test_kills.py); only a results repo is handled this way:
-    uncommitted files are discarded (see commit_to_branch)."""
-    _discard_uncommitted(repo)
+    branch's files in a folder two branches share (or miss this one's), and then refuse the next
+    checkout over them as "local changes" (found by tests/test_kills.py). Uncommitted changes are
+    discarded, so callers check for them first (update_branch) or own the repo (commit_to_branch).
+    Untracked files named in `keep` (repo-relative: a dataset repo's own untracked files) are never
+    removed; the rest are the other branch's leftovers."""
+    _discard_uncommitted(repo, keep)
     try:
         repo.checkout(revision, create)
     except ValueError as exc:
         if "would be overwritten" not in str(exc):
             raise
         # Status shows the tree clean, so these files are committed content: remove and retry.
-        for name in re.findall(r"^\s+(\S.*)$", str(exc).partition("continuing:")[2], re.MULTILINE):
+        names = re.findall(r"^\s+(\S.*)$", str(exc).partition("continuing:")[2], re.MULTILINE)
+        if kept := [name for name in names if Path(name) in keep]:
+            raise OxenError(
+                f"{repo.path}: checking out {revision} would overwrite untracked files {kept[:3]}; "
+                "move them out of the repo first"
+            ) from None
+        for name in names:
             (Path(repo.path) / name).unlink(missing_ok=True)
         repo.checkout(revision, create)
-    _discard_uncommitted(repo)
+    _discard_uncommitted(repo, keep)
 
 
-def _discard_uncommitted(repo: oxen.Repo) -> None:
-    """Put the working tree back to its commit: unstage, restore, then remove untracked files."""
+def _untracked_files(repo: oxen.Repo) -> frozenset[Path]:
+    """Repo-relative paths of the untracked files, those in wholly untracked folders included."""
+    root = Path(repo.path)
+    found = repo.clean()  # without force: only lists (and prints) what it would remove
+    files = set(found.files)
+    for folder in found.dirs:
+        files |= {path.relative_to(root) for path in (root / folder).rglob("*") if not path.is_dir()}
+    return frozenset(files)
+
+
+def _discard_uncommitted(repo: oxen.Repo, keep: frozenset[Path] = frozenset()) -> None:
+    """Put the working tree back to its commit: unstage, restore, then remove untracked files
+    other than those in `keep` (and the folders that removing them empties)."""
     status = repo.status()
     staged = status.added_files() + status.modified_files() + status.removed_files()
     for path in staged:
@@ -401,7 +422,16 @@ def _discard_uncommitted(repo: oxen.Repo) -> None:
     changed = status.modified_files() + status.removed_files()
     for path in changed + status.unstaged_modified_files() + status.unstaged_removed_files():
         repo.restore(path)
-    repo.clean(force=True)
+    if not keep:
+        repo.clean(force=True)
+        return
+    root = Path(repo.path)
+    for name in _untracked_files(repo) - keep:
+        (root / name).unlink(missing_ok=True)
+        for folder in (root / name).parents:
+            if folder == root or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 # --- Updating a branch of a dataset repo (the captions branch) -----------------------------------
@@ -428,21 +458,24 @@ def _same_bytes(target: Path, source: Path) -> bool:
     return hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
 
 
-def _create_branch_at(repo: oxen.Repo, repo_path: Path, branch: str, commit_id: str) -> None:
-    """Create `branch` at `commit_id` and check it out.
+def _create_branch_at(
+    repo: oxen.Repo, repo_path: Path, branch: str, commit_id: str, keep: frozenset[Path] = frozenset()
+) -> None:
+    """Create `branch` at `commit_id` and check it out (the working tree repaired as by _checkout).
 
     oxen 0.65's Python `checkout(<commit id>)` does detach HEAD at the commit, but it also leaves a
     ref named after the commit and then raises "Branch '<id>' not found". We accept exactly that,
     check where HEAD is, branch from there and delete the stray ref.
     """
     try:
-        repo.checkout(commit_id)
+        _checkout(repo, commit_id, keep=keep)
     except ValueError as exc:
         if f"Branch '{commit_id}' not found" not in str(exc):
             raise OxenError(f"{repo_path}: cannot check out commit {commit_id}: {exc}") from None
+        _discard_uncommitted(repo, keep)  # the error came before _checkout's own repair
     if repo.log()[0].id != commit_id:
         raise OxenError(f"{repo_path}: commit {commit_id} not found")
-    repo.checkout(branch, create=True)
+    repo.checkout(branch, create=True)  # at HEAD: the working tree stays as it is
     if repo.branch_exists(commit_id):
         repo.branch(commit_id, delete=True)
 
@@ -461,13 +494,16 @@ def update_branch(repo_path: Path, branch: str, base_commit: str, files: dict[st
         changed = _uncommitted(repo)
         if changed:
             raise OxenError(f"{repo_path}: has uncommitted changes ({changed[:3]}...); commit them first")
+        # Untracked files are the user's: the checkouts below keep them and remove only what a
+        # plain oxen checkout would leave behind of the other branch (see _checkout).
+        keep = _untracked_files(repo)
         original = repo.current_branch.name
         try:
             created = not repo.branch_exists(branch)
             if created:
-                _create_branch_at(repo, repo_path, branch, base_commit)
+                _create_branch_at(repo, repo_path, branch, base_commit, keep)
             else:
-                repo.checkout(branch)
+                _checkout(repo, branch, keep=keep)
             differing = [name for name, source in sorted(files.items()) if not _same_bytes(repo_path / name, source)]
             if not differing:
                 return BranchUpdate(repo.log()[0].id, committed=False, created=created)
@@ -478,4 +514,4 @@ def update_branch(repo_path: Path, branch: str, base_commit: str, files: dict[st
                 repo.add(str(target))
             return BranchUpdate(repo.commit(message).id, committed=True, created=created)
         finally:
-            repo.checkout(original)
+            _checkout(repo, original, keep=keep)

@@ -175,6 +175,21 @@ def caption_batch(
     return [(caption, is_degenerate(caption)) for caption in captions]
 
 
+def caption_keys(
+    manifest: pa.Table, cfg: RecaptionConfig, models: ModelsConfig, dtype: torch.dtype
+) -> tuple[list[str], list[str]]:
+    """The filled prompt and the cache key of every manifest row, as two lists in row order."""
+    prompts = [build_prompt(cfg.prompt_template, c) for c in manifest.column("original_caption").to_pylist()]
+    image_ids = manifest.column("image_id").to_pylist()
+    keys = [
+        caption_key(
+            image_id, prompt, models.llava, cfg.max_new_tokens, dtype, cfg.model_revision, cfg.quantization
+        )
+        for image_id, prompt in zip(image_ids, prompts, strict=True)
+    ]
+    return prompts, keys
+
+
 def caption_images(
     manifest: pa.Table,
     cfg: RecaptionConfig,
@@ -190,14 +205,7 @@ def caption_images(
     """
     if not cfg.enabled:
         return Captioned(_captions_table(manifest, None, None), generated=0)
-    prompts = [build_prompt(cfg.prompt_template, c) for c in manifest.column("original_caption").to_pylist()]
-    image_ids = manifest.column("image_id").to_pylist()
-    keys = [
-        caption_key(
-            image_id, prompt, models.llava, cfg.max_new_tokens, dtype, cfg.model_revision, cfg.quantization
-        )
-        for image_id, prompt in zip(image_ids, prompts, strict=True)
-    ]
+    prompts, keys = caption_keys(manifest, cfg, models, dtype)
     cache = ShardedCache(cache_dir, CAPTION_CACHE)
     missing = set(cache.missing(keys))
 

@@ -77,16 +77,16 @@ _WORDS = _WORD_TEXT.split()
 _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 
 
-def _corpus(seed: int, n: int = 4000) -> list[str]:
-    """English-ish training text: mostly caption words, some pseudo-words so the
-    tokenizer also learns generic sub-word pieces, plus every printable ASCII char
+def _corpus(seed: int, n: int = 4000, word_rate: float = 0.85, max_syllables: int = 3) -> list[str]:
+    """English-ish training text: mostly caption words (`word_rate`), some pseudo-words so
+    the tokenizer also learns generic sub-word pieces, plus every printable ASCII char
     so no character of a prompt maps to <unk>."""
     rng = random.Random(seed)
 
     def word() -> str:
-        if rng.random() < 0.85:
+        if rng.random() < word_rate:
             return rng.choice(_WORDS)
-        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, max_syllables)))
 
     sentences = []
     for _ in range(n):
@@ -99,14 +99,25 @@ def _corpus(seed: int, n: int = 4000) -> list[str]:
     return sentences + [string.printable.strip()]
 
 
-def _train_sentencepiece(seed: int, **options) -> bytes:
-    """Train a sentencepiece model in memory. num_threads=1 keeps it deterministic;
-    hard_vocab_limit=False lets a small corpus stop short of vocab_size, not fail."""
+def train_sentencepiece(
+    seed: int,
+    vocab_size: int = 1000,
+    sentences: int = 4000,
+    word_rate: float = 0.85,
+    max_syllables: int = 3,
+    **options,
+) -> bytes:
+    """Train a sentencepiece model in memory on `sentences` lines of generated text.
+
+    num_threads=1 keeps it deterministic; hard_vocab_limit=False lets a small corpus stop
+    short of vocab_size, not fail. A full-size vocabulary needs more varied text: 32000
+    pieces (unigram or BPE) take about 40000 sentences with word_rate=0.6, max_syllables=6."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)), model_writer=buf, vocab_size=1000,
-        hard_vocab_limit=False, num_threads=1, character_coverage=1.0, minloglevel=2, **options,
-    )
+        sentence_iterator=iter(_corpus(seed, sentences, word_rate, max_syllables)), model_writer=buf,
+        vocab_size=vocab_size, hard_vocab_limit=False, num_threads=1, character_coverage=1.0,
+        minloglevel=2, **options,
+    )  # fmt: skip
     return buf.getvalue()
 
 
@@ -120,6 +131,53 @@ def _spm_tokenizer(cls, model_bytes: bytes, filename: str, **kwargs):
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, filename).write_bytes(model_bytes)
         return cls.from_pretrained(tmp, **kwargs)
+
+
+def t5_tokenizer(seed: int, vocab_size: int = 1000, **corpus) -> T5Tokenizer:
+    """PixArt's spiece.model layout: unigram, <pad>=0, </s>=1, <unk>=2, no BOS, then T5's
+    100 extra ids. `corpus`: train_sentencepiece's text settings."""
+    spiece = train_sentencepiece(
+        seed, vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, **corpus
+    )
+    return _spm_tokenizer(T5Tokenizer, spiece, "spiece.model", model_max_length=_T5_MAX_LENGTH)
+
+
+def llava_tokenizer(seed: int, vocab_size: int = 1000, pad_to_size: bool = False, **corpus) -> LlamaTokenizer:
+    """llava-hf's layout: a Llama byte-fallback BPE (<unk>=0, <s>=1, </s>=2, no pad) of
+    `vocab_size` pieces, then <image> and <pad> appended in that order; left padding.
+    `pad_to_size`: fill with unused tokens up to `vocab_size` where sentencepiece stops short, so
+    <image> and <pad> get the ids vocab_size and vocab_size + 1 as in the real tokenizer."""
+    tokenizer = _spm_tokenizer(
+        LlamaTokenizer,
+        train_sentencepiece(seed, vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+                            pad_id=-1, byte_fallback=True, **corpus),
+        "tokenizer.model",
+        padding_side="left",  # decoder-only generation needs left padding
+        add_bos_token=True,  # Llama prepends <s>; the converter leaves it off by default
+    )  # fmt: skip
+    if pad_to_size and len(tokenizer) < vocab_size:
+        tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), vocab_size)])
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    # Must be stored in tokenizer_config.json: AutoTokenizer deliberately loads llava
+    # tokenizers as a generic TokenizersBackend, whose default is right padding.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    """llava-1.5's processor: CLIP image preprocessing at `image_size`, the chat template.
+
+    The processor expands each <image> into one token per image feature; these values must
+    reproduce the vision tower's count: (image_size / patch_size)^2 patches + 1 CLS, and the
+    "default" strategy drops the CLS again, matching the config's image_seq_length."""
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
 
 
 @contextmanager
@@ -154,13 +212,7 @@ def build_tiny_pixart(dest: Path, seed: int = 0) -> Path:
     """Write a PixArt-alpha pipeline folder (model_index.json + component subfolders)
     loadable by ``PixArtAlphaPipeline.from_pretrained(dest)`` or per component."""
     dest = Path(dest)
-    # T5 layout as in PixArt's spiece.model: <pad>=0, </s>=1, <unk>=2, no BOS.
-    tokenizer = _spm_tokenizer(
-        T5Tokenizer,
-        _train_sentencepiece(seed, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1),
-        "spiece.model",
-        model_max_length=_T5_MAX_LENGTH,
-    )
+    tokenizer = t5_tokenizer(seed)
     caption_channels = 32  # T5 d_model; PixArt projects captions from this to its inner dim
     with _seeded(seed):
         text_encoder = T5EncoderModel(T5Config(
@@ -202,21 +254,7 @@ def build_tiny_llava(dest: Path, seed: int = 0) -> Path:
     """Write a llava-1.5-style folder loadable by ``LlavaForConditionalGeneration`` and
     ``AutoProcessor``/``LlavaProcessor`` ``.from_pretrained(dest)``."""
     dest = Path(dest)
-    # Llama layout: byte-fallback BPE with <unk>=0, <s>=1, </s>=2, no pad (added below).
-    tokenizer = _spm_tokenizer(
-        LlamaTokenizer,
-        _train_sentencepiece(seed + 10, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
-                             pad_id=-1, byte_fallback=True),
-        "tokenizer.model",
-        padding_side="left",  # decoder-only generation needs left padding
-        add_bos_token=True,  # Llama prepends <s>; the converter leaves it off by default
-    )
-    # Same order as llava-hf: <image> then <pad> appended after the base vocab.
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    # Must be stored in tokenizer_config.json: AutoTokenizer deliberately loads llava
-    # tokenizers as a generic TokenizersBackend, whose default is right padding.
-    tokenizer.padding_side = "left"
+    tokenizer = llava_tokenizer(seed + 10)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     vision_config = CLIPVisionConfig(
@@ -239,17 +277,7 @@ def build_tiny_llava(dest: Path, seed: int = 0) -> Path:
         model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    # The processor expands each <image> into one token per image feature; these three
-    # values must reproduce the vision tower's count: 16 patches + 1 CLS, and the
-    # "default" strategy drops the CLS again -> 16, matching image_seq_length.
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-            crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
-        ),
-        tokenizer=tokenizer, patch_size=_LLAVA_PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    processor = llava_processor(tokenizer, _LLAVA_IMAGE_SIZE, _LLAVA_PATCH)  # 16 image tokens
     with _atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

@@ -1,7 +1,9 @@
 """Train stage: a PEFT LoRA on PixArt-alpha's transformer, from the embed stage's caches.
 
-Reads train_set.parquet (contracts.TRAIN_SET) plus the text-embedding and latent caches; T5 and
-the VAE are never loaded here. Each optimizer update:
+Reads train_set.parquet (contracts.TRAIN_SET) through its memory-mapped training view
+(tasks/cached_dataset.py): the embed stage's <run>/train_view when current, else one built from the
+text-embedding and latent caches into <output_dir>/../train_view/<key> and shared by every run on
+the same train set. T5 and the VAE are never loaded here. Each optimizer update:
 
   latents = (mean + std * randn) * vae.scaling_factor     a fresh sample of the cached posterior
   noisy   = DDPM.add_noise(latents, noise, t)              t uniform in [0, num_train_timesteps)
@@ -21,7 +23,7 @@ straddles an epoch boundary and the accumulated gradient is the mean over the up
 
     <output_dir>/checkpoints/checkpoint-<step>/   lora.safetensors + state.pt (atomic, pruned)
     <output_dir>/adapter/                         the adapter, see tasks/lora.py for its format
-    <output_dir>/train_log.jsonl                  one {step, epoch, loss, lr, grad_norm} per update
+    <output_dir>/train_log.jsonl                  one {step, epoch, loss, lr, grad_norm, elapsed} per update
     <output_dir>/done.json                        written last; its presence makes a re-run a no-op
 
 Multi-GPU: `accelerate launch -m tasks.train --config X --train-set ... --output-dir ...`.
@@ -34,9 +36,11 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +56,19 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from configs import RunConfig, TrainConfig, load_config
+from tasks.buckets import bucket_batches
 from tasks.cache import content_key
+from tasks.cached_dataset import CachedTrainView, DeviceTrainView, build_train_view, is_current, view_key
 from tasks.contracts import TRAIN_SET, read_table
-from tasks.embed import load_latent_dist, load_text_embeddings
 from tasks.lora import ADAPTER_NAME, atomic_dir, save_adapter
-from tasks.model_loading import DTYPES, load_noise_scheduler, load_transformer, pick_device, resolve_model
+from tasks.model_loading import (
+    DTYPES,
+    load_noise_scheduler,
+    load_transformer,
+    pick_device,
+    release,
+    resolve_model,
+)  # fmt: skip
 from tasks.workdir import WorkDir
 
 Progress = Callable[[dict, int], None]  # (log record, total steps), called after every update
@@ -72,77 +84,48 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the cached embeddings and latent distributions, loaded once.
+# Data: the training view, and which samples each update sees.
+
+TrainData = CachedTrainView | DeviceTrainView
+RESIDENT_FRACTION = 0.25  # a view up to this share of the GPU's free memory is copied onto it
 
 
-@dataclass
-class CachedTrainSet:
-    """Every training input as CPU tensors; a few hundred images fit in memory easily."""
-
-    image_ids: list[str]
-    embeds: torch.Tensor  # [N, max_length, dim], zero past each caption's length
-    mask: torch.Tensor  # [N, max_length], 1 on the caption's tokens
-    mean: torch.Tensor  # [N, C, H, W] VAE posterior mean, unscaled
-    std: torch.Tensor
-    flipped: tuple[torch.Tensor, torch.Tensor] | None  # (mean, std) of the mirrored images
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    @classmethod
-    def load(
-        cls, train_set_path: Path, text_cache: Path, latent_cache: Path, max_length: int
-    ) -> CachedTrainSet:
-        rows = read_table(Path(train_set_path), TRAIN_SET).to_pylist()
-        if not rows:
-            raise ValueError(f"{train_set_path}: no training rows")
-        embeds, mask = load_text_embeddings(text_cache, [r["text_key"] for r in rows], max_length)
-        mean, std = load_latent_dist(latent_cache, [r["latent_key"] for r in rows])
-        flipped_keys = [r["flipped_latent_key"] for r in rows]
-        flipped = None
-        if any(flipped_keys):
-            if not all(flipped_keys):
-                raise ValueError(f"{train_set_path}: flipped_latent_key is set on some rows but not all")
-            flipped = load_latent_dist(latent_cache, flipped_keys)
-            if flipped[0].shape != mean.shape:
-                raise ValueError(
-                    f"{latent_cache}: flipped latents are {list(flipped[0].shape)}, not {list(mean.shape)}"
-                )
-        return cls([r["image_id"] for r in rows], embeds, mask, mean, std, flipped)
-
-    def to(self, device: torch.device, embed_dtype: torch.dtype) -> CachedTrainSet:
-        """A copy held on `device`, so a step gathers its batch there instead of copying it from
-        the host. Embeddings take the model's dtype (the loss casts them to it anyway): half the
-        memory, same values."""
-        flipped = None if self.flipped is None else tuple(t.to(device) for t in self.flipped)
-        return CachedTrainSet(
-            self.image_ids, self.embeds.to(device, embed_dtype), self.mask.to(device),
-            self.mean.to(device), self.std.to(device), flipped,
-        )  # fmt: skip
-
-    def batch(
-        self, index: torch.Tensor, flip: torch.Tensor, device: torch.device
-    ) -> tuple[torch.Tensor, ...]:
-        index, flip = index.to(self.mean.device), flip.to(self.mean.device)
-        mean, std = self.mean[index], self.std[index]
-        if self.flipped is not None:
-            use = flip[:, None, None, None]
-            mean = torch.where(use, self.flipped[0][index], mean)
-            std = torch.where(use, self.flipped[1][index], std)
-        return tuple(t.to(device) for t in (self.embeds[index], self.mask[index], mean, std))
+def open_train_view(
+    train_set_path: Path, text_cache: Path, latent_cache: Path, max_length: int, output_dir: Path, accelerator
+) -> CachedTrainView:
+    """The train set's view: the embed stage's (<run>/train_view) when current, else one under
+    <output_dir>/../train_view/<key>, reused by every training run on this train set. The main
+    process builds it; the others wait, then open it (build_train_view's lock also keeps
+    separate runs that start at once from building it twice)."""
+    key = view_key(read_table(Path(train_set_path), TRAIN_SET), max_length)
+    folder = Path(train_set_path).parent / "train_view"
+    if not is_current(folder, key):
+        folder = Path(output_dir).parent / "train_view" / key[:16]
+        if accelerator.is_main_process:
+            build_train_view(train_set_path, text_cache, latent_cache, max_length, folder)
+    accelerator.wait_for_everyone()
+    return CachedTrainView(folder)
 
 
-# ---------------------------------------------------------------------------------------------
-# The step plan: which samples each update sees.
+def serve_view(view: CachedTrainView, device: torch.device) -> TrainData:
+    """On a GPU with room to spare the whole view moves there once and batches are gathered on
+    the device (host work per step: finding the rows). Otherwise, and always on the CPU, where
+    the mapped pages already are host memory, each batch is gathered from the mapped pages."""
+    if device.type == "cuda" and view.nbytes < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        return DeviceTrainView(view, device)
+    return view
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Batches as a pure function of (seed, epoch, step): resume needs only the step number.
+    """Batches as a pure function of (seed, epoch, step, rank): resume needs only the step number.
 
-    Each epoch is a permutation from (seed, epoch), padded by wrapping so every process gets the
-    same number of samples, dealt round-robin to processes and cut into micro-batches; `accumulation`
-    micro-batches (fewer at the epoch's end) make one optimizer update.
+    One latent size (no buckets): each epoch is a permutation from (seed, epoch), padded by
+    wrapping so every process gets the same number of samples, dealt round-robin to processes
+    and cut into micro-batches. Several sizes (`latent_sizes`, one per sample, with buckets on):
+    the epoch's single-size micro-batches come from tasks.buckets.bucket_batches, padded by
+    wrapping to a multiple of the process count and dealt round-robin. Either way `accumulation`
+    micro-batches (fewer at the epoch's end, as many on every process) make one optimizer update.
     """
 
     num_samples: int
@@ -150,14 +133,34 @@ class StepPlan:
     accumulation: int
     seed: int
     num_processes: int = 1
+    latent_sizes: tuple[str, ...] | None = None
+    _epoch_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.latent_sizes is not None and len(self.latent_sizes) != self.num_samples:
+            raise ValueError(
+                f"latent_sizes has {len(self.latent_sizes)} entries for {self.num_samples} samples"
+            )
+
+    @cached_property  # cached: per-step calls must not scan every sample's size
+    def bucketed(self) -> bool:
+        return self.latent_sizes is not None and len(set(self.latent_sizes)) > 1
 
     @property
     def samples_per_process(self) -> int:
         return math.ceil(self.num_samples / self.num_processes)
 
+    @cached_property
+    def micro_batches_per_process(self) -> int:
+        if not self.bucketed:
+            return math.ceil(self.samples_per_process / self.batch_size)
+        _, counts = np.unique(self.latent_sizes, return_counts=True)
+        micro_batches = sum(math.ceil(count / self.batch_size) for count in counts.tolist())
+        return math.ceil(micro_batches / self.num_processes)
+
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.samples_per_process / (self.batch_size * self.accumulation))
+        return math.ceil(self.micro_batches_per_process / self.accumulation)
 
     def total_steps(self, train: TrainConfig) -> int:
         return train.max_steps or train.epochs * self.steps_per_epoch
@@ -165,19 +168,36 @@ class StepPlan:
     def batches(self, step: int, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(sample indices, flip flags)] for each micro-batch of update `step` (0-based) on `rank`."""
         epoch, k = divmod(step, self.steps_per_epoch)
+        per_process, flips = self._epoch(epoch)
+        chosen = per_process[rank][k * self.accumulation : (k + 1) * self.accumulation]
+        return [(torch.from_numpy(index), torch.from_numpy(flips[index])) for index in chosen]
+
+    def _epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], np.ndarray]:
+        """Each process's micro-batches of the epoch, and one flip flag per sample. The latest
+        epoch is kept: steps ask for it in turn, and building it is O(samples)."""
+        if epoch not in self._epoch_cache:
+            self._epoch_cache.clear()
+            self._epoch_cache[epoch] = (
+                self._bucketed_epoch(epoch) if self.bucketed else self._plain_epoch(epoch)
+            )
+        return self._epoch_cache[epoch]
+
+    def _plain_epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_samples)
         flips = rng.random(self.num_samples) < 0.5  # per sample, so independent of the process count
-        mine = np.resize(order, self.samples_per_process * self.num_processes)[rank :: self.num_processes]
-        span = self.batch_size * self.accumulation
-        chosen = mine[k * span : (k + 1) * span]
-        return [
-            (
-                torch.from_numpy(chosen[i : i + self.batch_size]),
-                torch.from_numpy(flips[chosen[i : i + self.batch_size]]),
-            )
-            for i in range(0, len(chosen), self.batch_size)
+        padded, size = np.resize(order, self.samples_per_process * self.num_processes), self.batch_size
+        dealt = [padded[rank :: self.num_processes] for rank in range(self.num_processes)]
+        return [[rows[i : i + size] for i in range(0, len(rows), size)] for rows in dealt], flips
+
+    def _bucketed_epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], np.ndarray]:
+        batches = bucket_batches(self.latent_sizes, self.batch_size, self.seed, epoch)
+        flips = np.random.default_rng([self.seed, epoch, 1]).random(self.num_samples) < 0.5
+        wrapped = [
+            np.asarray(batches[i % len(batches)], dtype=np.int64)
+            for i in range(self.micro_batches_per_process * self.num_processes)
         ]
+        return [wrapped[rank :: self.num_processes] for rank in range(self.num_processes)], flips
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -239,8 +259,8 @@ def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> tor
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
-def diffusion_loss(transformer, batch, noise_scheduler, scaling_factor: float, dtype: torch.dtype):
-    embeds, mask, mean, std = batch
+def diffusion_loss(transformer, batch: dict, noise_scheduler, scaling_factor: float, dtype: torch.dtype):
+    embeds, mask, mean, std = batch["embeds"], batch["mask"], batch["mean"], batch["std"]
     latents = (mean + std * torch.randn_like(mean)) * scaling_factor
     noise = torch.randn_like(latents)
     steps = noise_scheduler.config.num_train_timesteps
@@ -351,25 +371,38 @@ def train_lora(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train (or resume, or find finished) the LoRA of `config.train` into `output_dir`."""
-    output_dir, train = Path(output_dir), config.train
-    if (finished := _finished(output_dir)) is not None:
+    if (finished := _finished(Path(output_dir))) is not None:
         return finished
+    try:
+        return _train(train_set_path, text_cache, latent_cache, config, Path(output_dir), progress)
+    finally:
+        # On CUDA the PEFT-wrapped transformer sits in reference cycles that outlive the function:
+        # bench/gpu_style_run.py measured 1.26 GiB still allocated after the train stage without
+        # this collection, 0.06 GiB with it (CPU runs show no such cycle).
+        release()
+
+
+def _train(train_set_path, text_cache, latent_cache, config, output_dir, progress) -> TrainResult:
+    train = config.train
     accelerator = _accelerator(train.mixed_precision, cpu=pick_device(config.device).type == "cpu")
     rank, main = accelerator.process_index, accelerator.is_main_process
+    view = open_train_view(
+        train_set_path, text_cache, latent_cache, config.embed.max_length, output_dir, accelerator
+    )
     set_seed(train.seed)  # the LoRA init
-    data = CachedTrainSet.load(train_set_path, text_cache, latent_cache, config.embed.max_length)
     transformer = lora_transformer(config, accelerator.device)
-    _check_fits(transformer, data, train_set_path)
-    if accelerator.device.type == "cuda":
-        data = data.to(accelerator.device, DTYPES[config.dtype])
+    _check_fits(transformer, view)
+    data = serve_view(view, accelerator.device)
     params = [p for p in transformer.parameters() if p.requires_grad]  # a list: clipping reuses it
     noise_scheduler = load_noise_scheduler(config.models, "ddpm")
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{config.models.pixart}: the scheduler does not predict epsilon")
     vae_config = AutoencoderKL.load_config(resolve_model(config.models.pixart), subfolder="vae")
 
-    num_processes = accelerator.num_processes
-    plan = StepPlan(len(data), train.batch_size, train.gradient_accumulation_steps, train.seed, num_processes)
+    plan = StepPlan(
+        len(view), train.batch_size, train.gradient_accumulation_steps, train.seed,
+        accelerator.num_processes, tuple(view.latent_sizes),
+    )  # fmt: skip
     total = plan.total_steps(train)
     optimizer = build_optimizer(params, train)
     # Not passed to accelerator.prepare, which would step it once per process per update.
@@ -386,6 +419,7 @@ def train_lora(
         )
 
     log_path = output_dir / "train_log.jsonl"
+    started = time.perf_counter()
     with open(log_path, "a") if main else nullcontext() as log:
         for step in tqdm(range(start, total), initial=start, total=total, desc="train", disable=not main):
             torch.manual_seed(_step_seed(train.seed, step, rank))
@@ -400,6 +434,7 @@ def train_lora(
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                "elapsed": round(time.perf_counter() - started, 3),  # _update's .item() waited for the GPU
             }
             records.append(record)
             if main:
@@ -426,7 +461,7 @@ def train_lora(
 
 
 def _update(
-    accelerator, model, loss_of, data, batches, optimizer, params, train
+    accelerator, model, loss_of, data: TrainData, batches, optimizer, params, train
 ) -> tuple[float, float, float]:
     """One optimizer update over `batches`; returns (mean loss, grad norm before clipping, lr used)."""
     count = sum(len(index) for index, _ in batches)
@@ -434,7 +469,8 @@ def _update(
     for i, (index, flip) in enumerate(batches):
         # Only the last micro-batch all-reduces gradients across processes.
         with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
-            loss = loss_of(data.batch(index, flip, accelerator.device)) * (len(index) / count)
+            batch = data.batch(index, flip if data.has_flipped else None, accelerator.device)
+            loss = loss_of(batch) * (len(index) / count)
             accelerator.backward(loss)
         total_loss += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)  # returns the pre-clip norm
@@ -470,16 +506,16 @@ def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
         ) from exc
 
 
-def _check_fits(transformer, data: CachedTrainSet, source: Path) -> None:
+def _check_fits(transformer, view: CachedTrainView) -> None:
     cfg = transformer.config
-    if data.embeds.shape[-1] != cfg.caption_channels:
+    if view.embed_dim != cfg.caption_channels:
         raise ValueError(
-            f"{source}: text embeddings are {data.embeds.shape[-1]} wide, the transformer "
+            f"{view.path}: text embeddings are {view.embed_dim} wide, the transformer "
             f"expects caption_channels={cfg.caption_channels}"
         )
-    if data.mean.shape[1] != cfg.in_channels:
+    if view.latent_channels != cfg.in_channels:
         raise ValueError(
-            f"{source}: latents have {data.mean.shape[1]} channels, transformer wants {cfg.in_channels}"
+            f"{view.path}: latents have {view.latent_channels} channels, transformer wants {cfg.in_channels}"
         )
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from tasks.cache import ShardedCache
 from tasks.cached_dataset import (
     INFO_FILE,
     CachedTrainView,
+    DeviceTrainView,
     TensorFile,
     TensorFileWriter,
     ViewError,
@@ -94,6 +98,14 @@ def test_view_batches_equal_cached_values(tmp_path, dtype):
         assert torch.equal(batch["std"][slot], expected["std"][key])
     with pytest.raises(ValueError, match="one latent size"):
         view.batch([0, 1])
+    assert view.latent_sizes == ["3x3", "2x4"] * 3
+    assert view.nbytes == sum(f.stat().st_size for f in view_dir.glob("*.arrow"))
+
+    resident = DeviceTrainView(view, torch.device("cpu"))  # the GPU path's gathers, run on the CPU
+    for rows, flags in (([5, 1, 3], flip), ([4, 0], None), ([2], [True])):
+        expected, got = view.batch(rows, flags), resident.batch(rows, flags)
+        for name in expected:
+            assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name])
 
 
 def test_view_is_reused_rebuilt_on_change_and_truncation_detected(tmp_path):
@@ -117,6 +129,57 @@ def test_view_is_reused_rebuilt_on_change_and_truncation_detected(tmp_path):
         CachedTrainView(view_dir)
     build_train_view(made["train_set"], tmp_path / "text", tmp_path / "latents", MAX_LENGTH + 4, view_dir)
     assert len(CachedTrainView(view_dir)) == 6  # the damaged view was rebuilt
+
+
+# A builder in its own process. Writing the texts takes a second (and is counted in `log`), and
+# both builders start together once each has written its `ready` file and the test its `go`
+# file, so the second arrives while the first is still building.
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tasks import cached_dataset
+
+write_texts = cached_dataset._write_texts
+
+def slow_write_texts(*args, **kwargs):
+    with open({log!r}, "a") as handle:
+        handle.write(f"{{os.getpid()}}\\n")
+    time.sleep(1.0)
+    return write_texts(*args, **kwargs)
+
+cached_dataset._write_texts = slow_write_texts
+Path({ready!r}).touch()
+while not Path({go!r}).exists():
+    time.sleep(0.01)
+cached_dataset.build_train_view(*[Path(a) for a in {paths!r}], {max_length!r}, Path({view!r}))
+"""
+
+
+def test_two_processes_building_one_view_build_it_once(tmp_path):
+    """Without the build lock both would build, and one could delete the view the other just
+    renamed into place; with it the second finds the first one's view and takes it."""
+    made = _caches(tmp_path, torch.float32)
+    view_dir = tmp_path / "view"
+    (tmp_path / ".view.tmp-killed").mkdir()  # left by a builder killed earlier
+    paths = [str(made["train_set"]), str(tmp_path / "text"), str(tmp_path / "latents")]
+    log, go = tmp_path / "builds.log", tmp_path / "go"
+    children = []
+    for i in range(2):
+        script = BUILDER.format(
+            root=str(Path(__file__).resolve().parents[1]), log=str(log), ready=str(tmp_path / f"ready{i}"),
+            go=str(go), paths=paths, max_length=MAX_LENGTH, view=str(view_dir),
+        )  # fmt: skip
+        children.append(subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    errors = [child.communicate(timeout=60)[1] for child in children]
+    assert [child.returncode for child in children] == [0, 0], errors
+    assert len(log.read_text().splitlines()) == 1  # built once: the second waited for the first's view
+    assert len(CachedTrainView(view_dir)) == 6
+    assert not list(tmp_path.glob(".view.tmp-*"))
 
 
 def test_corrupt_shard_is_set_aside_when_the_view_reads_it(tmp_path):

@@ -15,13 +15,14 @@ from configs import ConfigError, DatasetConfig, ModelsConfig, RecaptionConfig, R
 from tasks.caption_versions import caption_rows, commit_captions, encode_metadata
 from tasks.contracts import CAPTIONS, MANIFEST, read_table
 from tasks.lineage import prompt_hash
-from tasks.oxen_repos import OxenError, import_folder
+from tasks.oxen_repos import OxenError, _checkout, import_folder
 from tasks.pull import pull_dataset, read_metadata
 from tasks.workdir import WorkDir
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 DEMO_ROWS = [json.loads(line) for line in (DEMO / "metadata.jsonl").read_text().splitlines()]
 BRANCH = "captions/tiny-llava"
+UPLOADS = "uploads/2026-11"  # oxen 0.65 mixes branches in a nested folder under a new one
 
 
 def _write_dataset(folder: Path, rows: list[dict]) -> None:
@@ -233,6 +234,64 @@ def test_new_dataset_images_reach_the_captions_branch_in_one_commit(dataset_repo
         read_table(trained_on.manifest_path, MANIFEST).column("original_caption").to_pylist()
         == captions.column("caption").to_pylist()
     )
+
+
+def _add_batch(repo_path: Path, rows: list[dict], folder: str, message: str) -> list[dict]:
+    """Commit demo images under `folder`/ with their metadata rows appended; returns the new rows."""
+    added = [row | {"file_name": f"{folder}/{Path(row['file_name']).name}"} for row in rows]
+    for row, new in zip(rows, added, strict=True):
+        (repo_path / new["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEMO / row["file_name"], repo_path / new["file_name"])
+    metadata = repo_path / "metadata.jsonl"
+    metadata.write_text(metadata.read_text() + "".join(json.dumps(row) + "\n" for row in added))
+    repo = oxen.Repo(str(repo_path))
+    repo.add(str(repo_path / Path(folder).parts[0]))
+    repo.add(str(metadata))
+    repo.commit(message)
+    return added
+
+
+def _tree(repo_path: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(repo_path)): path.read_bytes()
+        for path in repo_path.rglob("*")
+        if path.is_file() and ".oxen" not in path.relative_to(repo_path).parts
+    }
+
+
+def test_captions_of_another_branch_leave_the_checkout_exactly_as_it_was(dataset_repo: Path, tmp_path: Path):
+    """The job follows branch `incoming` while the repo is on main, and since they forked both
+    branches added images to one new nested folder (UPLOADS). A plain oxen 0.65 checkout back to
+    main leaves incoming's images in it; the update must leave main's files and the user's
+    untracked files exactly as they were."""
+    repo = oxen.Repo(str(dataset_repo))
+    repo.checkout("incoming", create=True)
+    incoming = _add_batch(dataset_repo, DEMO_ROWS[5:7], UPLOADS, "Two new images on incoming")
+    _checkout(repo, "main")
+    _add_batch(dataset_repo, DEMO_ROWS[7:8], UPLOADS, "Another new image on main")
+    (dataset_repo / "notes.txt").write_text("the user's own, never committed\n")
+    (dataset_repo / UPLOADS / "wip.png").write_bytes(b"an image the user is still working on")
+    untracked = frozenset({Path("notes.txt"), Path(UPLOADS) / "wip.png"})
+    main_tree = _tree(dataset_repo)
+
+    config = RunConfig(
+        device="cpu", dtype="float32", dataset=DatasetConfig(repo=str(dataset_repo), revision="incoming"),
+        models=ModelsConfig(llava="tiny:llava"),
+    )  # fmt: skip
+    _, _, committed = _pull_and_commit(config, WorkDir(tmp_path / "work"))
+    assert (committed.committed, committed.rows) == (True, 7)
+    assert repo.current_branch.name == "main"
+    assert _tree(dataset_repo) == main_tree  # no file of the captions branch left behind
+
+    _checkout(repo, BRANCH, keep=untracked)
+    try:
+        on_branch = _tree(dataset_repo)
+    finally:
+        _checkout(repo, "main", keep=untracked)
+    expected = {row["file_name"] for row in [*DEMO_ROWS[:5], *incoming]}
+    assert set(on_branch) == expected | {"metadata.jsonl"} | {str(p) for p in untracked}
+    assert on_branch["metadata.jsonl"] == committed.metadata_path.read_bytes()
+    assert _tree(dataset_repo) == main_tree
 
 
 def test_uncommitted_changes_and_remote_repos_are_refused(dataset_repo: Path, tmp_path: Path):

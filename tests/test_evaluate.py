@@ -287,3 +287,24 @@ def test_reference_is_the_posterior_mixture_training_samples_from():
     assert frechet_to_reference(means[:8], *posterior_mixture(means, 0 * stds)) == pytest.approx(
         frechet_distance_diagonal(means[:8], means)
     )
+
+
+def test_train_latents_are_the_square_ones_when_buckets_are_on(tmp_path):
+    """Bucketed non-square latents have other shapes than the samples: the metrics leave them out."""
+    from tasks.evaluate import load_train_latents
+
+    sizes = {"a": (8, 8, "64x64"), "b": (4, 8, "32x64"), "c": (8, 8, "64x64"), "d": (8, 4, "64x32")}
+    latents, rows = [], []
+    for name, (height, width, bucket) in sizes.items():
+        mean = np.full((4, height, width), ord(name), np.float32)
+        latents.append({"key": name, "image_id": name, "flipped": False, "channels": 4, "height": height,
+                        "width": width, "dtype": "float32", "mean": mean.tobytes(),
+                        "std": np.ones_like(mean).tobytes()})  # fmt: skip
+        rows.append({"image_id": name, "caption": "c", "text_key": "t", "latent_key": name,
+                     "flipped_latent_key": None, "bucket": bucket})  # fmt: skip
+    ShardedCache(tmp_path / "latents", LATENTS).write(pa.Table.from_pylist(latents))
+    train_set = write_table(pa.Table.from_pylist(rows), TRAIN_SET, tmp_path / "train_set.parquet")
+    means, stds = load_train_latents(train_set, tmp_path / "latents", resolution=64)
+    assert means.shape == stds.shape == (2, 4, 8, 8) and sorted(means[:, 0, 0, 0]) == [ord("a"), ord("c")]
+    with pytest.raises(ValueError, match="no training image in the 32x32 bucket"):
+        load_train_latents(train_set, tmp_path / "latents", resolution=32)

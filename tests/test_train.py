@@ -6,6 +6,7 @@ tests need neither T5 nor the VAE, just as training does not.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -25,9 +26,10 @@ from safetensors.torch import load_file
 
 from configs import RunConfig
 from tasks.cache import ShardedCache
+from tasks.cached_dataset import INFO_FILE, CachedTrainView, DeviceTrainView, build_train_view
 from tasks.contracts import LATENTS, TEXT_EMBEDDINGS, TRAIN_SET, array_to_bytes, write_table
 from tasks.model_loading import load_transformer, resolve_model
-from tasks.train import StepPlan, main, train_lora, train_task, training_key
+from tasks.train import StepPlan, main, serve_view, train_lora, train_task, training_key
 from tasks.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +49,16 @@ def _train_home(tiny_models):
     torch.set_num_threads(threads)
 
 
-def write_caches(root: Path, dim: int, flip: bool = False, seed: int = 0) -> Path:
+def write_caches(
+    root: Path, dim: int, flip: bool = False, seed: int = 0, sizes: list[tuple[int, int]] | None = None
+) -> Path:
     """train_set.parquet + text/ + latents/ under `root`: NUM_IMAGES samples of 4x8x8 latents
-    (64 px) whose means are fixed +-2 patterns with a small std, so there is something to learn."""
+    (64 px) whose means are fixed +-2 patterns with a small std, so there is something to learn.
+    `sizes`: each image's latent (height, width) instead, in the aspect-ratio bucket of 8x that."""
     rng = np.random.default_rng(seed)
     text, latents, rows = [], [], []
     for i in range(NUM_IMAGES):
+        height, width = sizes[i] if sizes else (8, 8)
         length = int(rng.integers(3, MAX_LENGTH + 1))
         embedding = rng.standard_normal((length, dim)).astype(np.float32)
         text.append(
@@ -66,18 +72,18 @@ def write_caches(root: Path, dim: int, flip: bool = False, seed: int = 0) -> Pat
             }
         )
         for flipped in (False, True) if flip else (False,):
-            mean = (2 * np.sign(rng.standard_normal((4, 8, 8)))).astype(np.float32)
+            mean = (2 * np.sign(rng.standard_normal((4, height, width)))).astype(np.float32)
             latents.append(
                 {
                     "key": f"latent-{i}-{flipped}",
                     "image_id": f"img-{i}",
                     "flipped": flipped,
                     "channels": 4,
-                    "height": 8,
-                    "width": 8,
+                    "height": height,
+                    "width": width,
                     "dtype": "float32",
                     "mean": array_to_bytes(mean),
-                    "std": array_to_bytes(np.full((4, 8, 8), 0.05, np.float32)),
+                    "std": array_to_bytes(np.full((4, height, width), 0.05, np.float32)),
                 }
             )
         rows.append(
@@ -87,6 +93,7 @@ def write_caches(root: Path, dim: int, flip: bool = False, seed: int = 0) -> Pat
                 "text_key": f"text-{i}",
                 "latent_key": f"latent-{i}-False",
                 "flipped_latent_key": f"latent-{i}-True" if flip else None,
+                "bucket": f"{8 * height}x{8 * width}" if sizes else None,
             }
         )
     ShardedCache(root / "text", TEXT_EMBEDDINGS).write(pa.Table.from_pylist(text, schema=TEXT_EMBEDDINGS))
@@ -130,8 +137,10 @@ def run(caches: Path, out: Path, config: RunConfig, progress=None):
     )
 
 
-def log_of(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+def log_of(out: Path, elapsed: bool = False) -> list[dict]:
+    """The train log's records; without their clock readings (`elapsed`) unless asked for."""
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return records if elapsed else [{k: v for k, v in r.items() if k != "elapsed"} for r in records]
 
 
 # Interrupted runs below use this config: cosine schedule with warmup (scheduler state), dropout
@@ -197,9 +206,11 @@ def test_step_plan_covers_each_sample_once_per_epoch():
 def test_loss_falls_and_adapter_loads_with_peft(caches, tmp_path):
     out = tmp_path / "run"
     result = run(caches, out, make_config(max_steps=100, checkpointing_steps=50))
-    log = log_of(out)
+    log = log_of(out, elapsed=True)
     assert [r["step"] for r in log] == list(range(1, 101))
-    assert {"step", "epoch", "loss", "lr", "grad_norm"} <= log[0].keys()
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "elapsed"} == log[0].keys()
+    elapsed = [r["elapsed"] for r in log]
+    assert 0 < elapsed[0] and all(a < b for a, b in itertools.pairwise(elapsed)), elapsed[:5]
     assert result.steps == 100 and result.resumed_from is None
     assert result.final_loss < 0.75 * result.first_loss, (result.first_loss, result.final_loss)
     assert np.mean([r["loss"] for r in log[-20:]]) < np.mean([r["loss"] for r in log[:20]])
@@ -321,23 +332,107 @@ def test_compiled_blocks_give_the_same_steps(caches, tmp_path, monkeypatch):
     assert fast.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
 
 
-def test_train_set_moved_to_the_device_gives_the_same_batches():
-    from tasks.train import CachedTrainSet
-
-    n, generator = 6, torch.Generator().manual_seed(0)
-    mean, std = torch.randn(n, 4, 8, 8, generator=generator), torch.rand(n, 4, 8, 8, generator=generator)
-    data = CachedTrainSet(
-        [f"i{i}" for i in range(n)], torch.randn(n, 5, 16, generator=generator),
-        torch.ones(n, 5, dtype=torch.long), mean, std, (mean.flip(-1), std.flip(-1)),
-    )  # fmt: skip
-    moved = data.to(torch.device("cpu"), torch.bfloat16)
+def test_view_moved_to_the_device_gives_the_same_batches(caches, tmp_path):
+    view_dir = build_train_view(
+        caches / "train_set.parquet", caches / "text", caches / "latents", MAX_LENGTH, tmp_path / "view"
+    )
+    view, cpu = CachedTrainView(view_dir), torch.device("cpu")
+    assert serve_view(view, cpu) is view  # on the CPU the mapped pages already are host memory
+    resident = DeviceTrainView(view, cpu)
     index, flip = torch.tensor([4, 1, 3]), torch.tensor([True, False, True])
-    cpu = torch.device("cpu")
-    expected, got = data.batch(index, flip, cpu), moved.batch(index, flip, cpu)
-    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], expected[0].to(torch.bfloat16))
-    for a, b in zip(expected[1:], got[1:], strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(got[2][0], mean[4].flip(-1)) and torch.equal(got[2][1], mean[1])
+    expected, got = view.batch(index, flip, cpu), resident.batch(index, flip, cpu)
+    assert expected.keys() == got.keys() == {"embeds", "mask", "mean", "std"}
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+    assert torch.equal(got["mean"][1], view.batch([1])["mean"][0])  # not flipped
+    assert not torch.equal(got["mean"][0], view.batch([4])["mean"][0])  # flipped: the mirrored latents
+
+
+def test_the_view_is_built_once_per_train_set_or_taken_from_the_embed_stage(caches, tmp_path):
+    run(caches, tmp_path / "a", make_config(max_steps=1))
+    views = tmp_path / "train_view"  # next to the output dir, named by its key
+    (view_dir,) = [p for p in views.iterdir() if not p.name.startswith(".")]  # (.<key>.lock beside it)
+    stamp = (view_dir / INFO_FILE).stat().st_mtime_ns
+    run(caches, tmp_path / "b", make_config(max_steps=1, learning_rate=5e-4))
+    assert (view_dir / INFO_FILE).stat().st_mtime_ns == stamp  # reused by another training run
+    assert [p for p in views.iterdir() if not p.name.startswith(".")] == [view_dir]
+
+    run_dir = tmp_path / "run"  # as the embed stage leaves it: train_set.parquet + a current train_view/
+    run_dir.mkdir()
+    (run_dir / "train_set.parquet").write_bytes((caches / "train_set.parquet").read_bytes())
+    build_train_view(
+        run_dir / "train_set.parquet", caches / "text", caches / "latents", MAX_LENGTH, run_dir / "train_view"
+    )
+    out = tmp_path / "elsewhere" / "c"
+    train_lora(
+        run_dir / "train_set.parquet", caches / "text", caches / "latents", make_config(max_steps=1), out
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c"]  # no second view built
+    assert log_of(out) == log_of(tmp_path / "a")  # same data, same steps
+
+
+BUCKET_SIZES = [(8, 8), (4, 8), (8, 4), (4, 8), (8, 8), (4, 8), (8, 4), (8, 8)]  # latent h, w per image
+
+
+def test_step_plan_with_buckets_is_single_bucket_and_deals_evenly():
+    sizes = tuple(f"{h}x{w}" for h, w in BUCKET_SIZES)  # 3 + 3 + 2 rows: 2 + 2 + 1 batches of 2
+    plan = StepPlan(num_samples=8, batch_size=2, accumulation=2, seed=3, latent_sizes=sizes)
+    assert plan.bucketed and plan.steps_per_epoch == 3  # ceil(5 micro-batches / 2)
+    for epoch in range(2):
+        steps = range(3 * epoch, 3 * epoch + 3)
+        micro = [idx.tolist() for s in steps for idx, _ in plan.batches(s)]
+        assert [len(plan.batches(s)) for s in steps] == [2, 2, 1]
+        assert sorted(i for batch in micro for i in batch) == list(range(8))
+        assert all(len({sizes[i] for i in batch}) == 1 for batch in micro)
+    again = StepPlan(num_samples=8, batch_size=2, accumulation=2, seed=3, latent_sizes=sizes)
+    for step in (4, 0, 5):  # a fresh plan, asked out of order: the same batches (resume)
+        for (a, fa), (b, fb) in zip(plan.batches(step), again.batches(step), strict=True):
+            assert torch.equal(a, b) and torch.equal(fa, fb)
+    assert [i.tolist() for i, _ in plan.batches(0)] != [i.tolist() for i, _ in plan.batches(3)]
+
+    two = StepPlan(num_samples=8, batch_size=2, accumulation=2, seed=3, num_processes=2, latent_sizes=sizes)
+    assert two.steps_per_epoch == 2  # 5 micro-batches wrapped to 6, 3 per process
+    for step in range(4):
+        counts = [len(two.batches(step, rank)) for rank in (0, 1)]
+        assert counts[0] == counts[1] == (2 if step % 2 == 0 else 1)
+        for rank in (0, 1):
+            assert all(len({sizes[i] for i in idx.tolist()}) == 1 for idx, _ in two.batches(step, rank))
+    seen = {i for s in range(2) for r in (0, 1) for idx, _ in two.batches(s, r) for i in idx.tolist()}
+    assert seen == set(range(8))
+
+
+@pytest.fixture(scope="module")
+def bucketed_caches(_train_home, tmp_path_factory) -> Path:
+    dim = PixArtTransformer2DModel.load_config(resolve_model("tiny:pixart"), subfolder="transformer")
+    root = tmp_path_factory.mktemp("bucketed")
+    write_caches(root, dim["caption_channels"], flip=True, sizes=BUCKET_SIZES)
+    return root
+
+
+def test_bucketed_training_uses_one_bucket_per_batch_and_resumes_exactly(
+    bucketed_caches, tmp_path, monkeypatch
+):
+    import tasks.train as train_module
+
+    shapes, original = [], train_module.diffusion_loss
+
+    def recording_loss(transformer, batch, *args):
+        shapes.append(tuple(batch["mean"].shape[-2:]))
+        return original(transformer, batch, *args)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
+    whole = run(bucketed_caches, tmp_path / "whole", make_config(**RESUME))
+    assert whole.steps == 6 and np.isfinite(whole.final_loss)
+    # batch 3 x accumulation 2 over buckets of 3, 3 and 2 images: 3 micro-batches, 2 updates per epoch
+    assert len(shapes) == 3 * 3 and set(shapes) == {(8, 8), (4, 8), (8, 4)}  # every bucket, never mixed
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        run(bucketed_caches, out, make_config(**RESUME), progress=stop_after(5))
+    result = run(bucketed_caches, out, make_config(**RESUME))
+    assert result.resumed_from == 4
+    assert_same_adapter(out, tmp_path / "whole")
+    assert log_of(out) == log_of(tmp_path / "whole")
 
 
 def test_text_width_mismatch_names_the_problem(_train_home, tmp_path):
@@ -384,3 +479,4 @@ def test_main_trains_from_the_command_line(caches, tmp_path, capsys):
     key = training_key(caches / "train_set.parquet", config)
     assert result.adapter_dir == WorkDir(caches).train_dir(key) / "adapter" and result.steps == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import os
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def test_style_run_from_the_api_completes_with_its_artifacts(served):
     captions = json.loads(found["served-captions"]["data"])
     assert len(captions) == 20 and {"original", "generated", "trained on"} <= set(captions[0])
     results = json.loads(found["served-results"]["data"])[0]
-    assert results["branch"].startswith("runs/served-") and len(results["commit_id"]) == 32
+    # Oxen writes a commit id as a 128-bit hex number without leading zeros: 32 digits or fewer.
+    assert results["branch"].startswith("runs/served-") and re.fullmatch(r"[0-9a-f]{24,32}", results["commit_id"])
     grid = found["served-lora-grid"]
     if grid["type"] == "image":  # too large to inline: served by serve's image server
         assert grid["data"].startswith(served["info"]["image_url"])

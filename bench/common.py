@@ -117,6 +117,17 @@ def build_vae(dtype=torch.bfloat16, device=DEVICE):
     return model.to(dtype).eval().requires_grad_(False)
 
 
+def pixart_scheduler():
+    """PixArt-XL-2-512x512's inference scheduler, as its scheduler_config.json sets it up."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+        lower_order_final=True,
+    )  # fmt: skip
+
+
 def ddpm_scheduler():
     from diffusers import DDPMScheduler
 

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import itertools
@@ -30,25 +29,23 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import yaml
-from common import DEVICE, OUT, ROOT, build_pixart, build_t5, build_vae, device_info
+from common import DEVICE, OUT, ROOT, build_pixart, build_t5, build_vae, device_info, pixart_scheduler
 from PIL import Image
 
 from configs import CONFIG_DIR, RunConfig, load_config
 from data import make_demo_dataset as demo
 from tasks.artifacts import STAGES
+from tasks.atomic import atomic_dir, write_text
 
 PIXART_FOLDER, LLAVA_FOLDER = "PixArt-XL-2-512x512", "llava-1.5-7b-hf"
 VOCAB_PIECES = 32000  # sentencepiece pieces of both tokenizers, as in the real ones
@@ -117,26 +114,13 @@ DEFAULTS = {  # (images, prompts, epochs) per mode
 }
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """A temp folder beside `dest` that becomes `dest` only when the block succeeds, so a folder
-    that exists is complete. (tasks.lora has one too, but importing peft costs seconds.)"""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Build models: random weights of the full-size configs, straight on the GPU in bf16.
 
 
 def build_pixart_folder(dest: Path) -> None:
     """A PixArt-XL-2-512x512 pipeline folder, as the hub repo lays it out."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from diffusers import PixArtAlphaPipeline
 
     from tasks.tiny_models import t5_tokenizer
 
@@ -144,14 +128,9 @@ def build_pixart_folder(dest: Path) -> None:
     # sentencepiece may stop short of the asked size on generated text; ids must fit T5's 32128 rows.
     if not VOCAB_PIECES * 0.9 < len(tokenizer) <= 32128:
         raise RuntimeError(f"T5 tokenizer has {len(tokenizer)} tokens, want ~{VOCAB_PIECES} + 100 <= 32128")
-    scheduler = DPMSolverMultistepScheduler(  # the repo's scheduler_config.json
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-        lower_order_final=True,
-    )  # fmt: skip
     pipe = PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=build_t5(), vae=build_vae(), transformer=build_pixart(),
-        scheduler=scheduler,
+        scheduler=pixart_scheduler(),
     )  # fmt: skip
     with atomic_dir(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -274,15 +253,8 @@ def make_prompts(dest: Path, count: int) -> Path:
         raise SystemExit(f"--prompts {count}: at most {len(combos)} distinct prompts")
     random.Random(0).shuffle(combos)
     lines = "".join(json.dumps({"prompt": p, "category": c}) + "\n" for c, p in combos[:count])
-    write_atomic(dest, lines)
+    write_text(dest, lines)
     return dest
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +293,7 @@ def write_config(
     settings["results"] = {"repo": "oxen/gpu-style-results"}
     if dask_workers:
         settings["distributed"] = {"engine": "dask", "workers": dask_workers}
-    write_atomic(
+    write_text(
         dest, f"# written by bench/gpu_style_run.py ({mode})\n" + yaml.safe_dump(settings, sort_keys=False)
     )
     return load_config(dest)  # the CLI validates it again; failing here costs no server start
@@ -503,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": args.prompts, "epochs": args.epochs, "config": str(config_path),
         "settings": VARIANTS[mode], "run_id": summary["run_id"], **figures,
     }  # fmt: skip
-    write_atomic(args.out, json.dumps(result, indent=1, default=str) + "\n")
+    write_text(args.out, json.dumps(result, indent=1, default=str) + "\n")
     print(f"report: {args.out}", flush=True)
     return result
 

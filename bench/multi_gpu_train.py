@@ -37,17 +37,15 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 import yaml
-from common import OUT, ROOT, build_pixart, build_vae, install_stubs
+from common import OUT, ROOT, build_pixart, build_vae, install_stubs, pixart_scheduler
 from train_metrics import LogArrivals, PeakMemory, Poller, compare_losses, throughput
 
 STUBBED = install_stubs()  # before the stage modules: prefect is missing on the GPU box
@@ -58,6 +56,7 @@ import pyarrow as pa
 
 from configs import RunConfig, parse_config
 from tasks import contracts
+from tasks.atomic import atomic_dir, write_text
 from tasks.cache import ShardedCache
 from tasks.cached_dataset import build_train_view
 from tasks.embed import (
@@ -134,36 +133,18 @@ def run_specs(settings: Settings) -> dict[str, RunSpec]:
 # The model folder and the train set.
 
 
-@contextmanager
-def atomic_folder(dest: Path) -> Iterator[Path]:
-    """A temp folder beside `dest` that becomes `dest` only if the block succeeds. (tasks.lora has
-    one too, but importing it pulls in peft and bitsandbytes: seconds of CPU this process saves.)"""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_random_pipeline(dest: Path, device: str = "cuda") -> Path:
     """The full-size PixArt-XL-2-512x512 folder that training loads, random weights in bf16, built
     on the GPU (a CPU init of 611 M parameters is slow), atomically; kept when present."""
     if (dest / "model_index.json").is_file():
         return dest
-    from diffusers import DPMSolverMultistepScheduler
-
-    with atomic_folder(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         for name, build in (("transformer", build_pixart), ("vae", build_vae)):
             model = build(torch.bfloat16, torch.device(device))
             model.save_pretrained(tmp / name, safe_serialization=True)
             del model
         # The repo's scheduler; training reads its betas through DDPMScheduler.from_config.
-        DPMSolverMultistepScheduler(
-            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-        ).save_pretrained(tmp / "scheduler")  # fmt: skip
+        pixart_scheduler().save_pretrained(tmp / "scheduler")
         classes = {"transformer": "PixArtTransformer2DModel", "vae": "AutoencoderKL",
                    "scheduler": "DPMSolverMultistepScheduler",
                    "text_encoder": None, "tokenizer": None}  # fmt: skip
@@ -268,11 +249,7 @@ def run_config(settings: Settings, pixart: str, resolution: int, max_length: int
 
 
 def write_yaml(config: RunConfig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def free_port() -> int:
@@ -392,10 +369,7 @@ class Report:
         self.data["results"][key] = value
         shown = {k: v for k, v in value.items() if k not in ("losses", "moving_average")}
         print("RESULT " + json.dumps({"result": key, **shown}, default=str), flush=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
 
 
 def measure(spec: RunSpec, settings: Settings, config: RunConfig, train_set: Path, env: dict):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from configs import RunConfig
 from flows.server import configure_environment, free_port, prefect_server
+from tasks.atomic import write_text
 
 RECAPTION_DEPLOYMENT = "recaption/recaption"
 # A fixed port, so image artifacts of earlier runs still load after serve restarts.
@@ -170,10 +171,7 @@ def serve(
 
 
 def write_info(path: Path, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(info, indent=2) + "\n")
 
 
 def read_info(workdir: Path) -> dict | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from prefect import get_run_logger, task
 
 from configs import DatasetConfig, RunConfig
 from tasks import oxen_repos
+from tasks.atomic import write_bytes
 from tasks.cache import content_key
 from tasks.contracts import CAPTIONS, MANIFEST, read_table
 from tasks.lineage import prompt_hash
@@ -108,14 +108,6 @@ def commit_message(model_id: str, revision: str | None, prompt_template: str, ro
     )
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def commit_captions(
     config: RunConfig,
     workdir: WorkDir,
@@ -138,7 +130,7 @@ def commit_captions(
     rows = caption_rows(metadata_rows, manifest, captions, recaption.caption_column_out)
     flagged = sum(bool(row[flagged_column(recaption.caption_column_out)]) for row in rows)
 
-    metadata_path = _write_bytes(
+    metadata_path = write_bytes(
         out_dir / "captions-branch" / Path(dataset.metadata_file).name,
         encode_metadata(rows, dataset.metadata_file),
     )

@@ -154,8 +154,7 @@ def embed_texts(
     dtype: torch.dtype,
 ) -> list[str]:
     """Cache the T5 embedding of every text; return their keys in the order given."""
-    encoder, revision = text_encoder_id(models_cfg), text_encoder_revision(models_cfg)
-    keys = [text_embedding_key(t, encoder, embed_cfg.max_length, dtype_name(dtype), revision) for t in texts]
+    keys = text_cache_keys(texts, models_cfg, embed_cfg, dtype)
     cache = ShardedCache(Path(cache_dir), contracts.TEXT_EMBEDDINGS, _shard_bytes(embed_cfg))
     missing = set(cache.missing(keys))
     todo = list({k: t for k, t in zip(keys, texts, strict=True) if k in missing}.items())
@@ -317,6 +316,25 @@ def image_size(row: Mapping, embed_cfg: EmbedConfig) -> Size:
     return nearest_bucket(row["height"], row["width"], bucket_table(embed_cfg.resolution))
 
 
+def text_cache_keys(
+    texts: Sequence[str], models_cfg: ModelsConfig, embed_cfg: EmbedConfig, dtype: torch.dtype
+) -> list[str]:
+    """The keys embed_texts stores each text's T5 embedding under."""
+    encoder, revision = text_encoder_id(models_cfg), text_encoder_revision(models_cfg)
+    return [text_embedding_key(t, encoder, embed_cfg.max_length, dtype_name(dtype), revision) for t in texts]
+
+
+def latent_cache_keys(
+    row: Mapping, models_cfg: ModelsConfig, embed_cfg: EmbedConfig, dtype: torch.dtype
+) -> tuple[str, str | None]:
+    """The keys embed_images stores a manifest row's latents under: (plain, mirrored or None
+    without embed.flip)."""
+    size, vae_name = image_size(row, embed_cfg), vae_id(models_cfg)
+    dt, revision = dtype_name(dtype), models_cfg.pixart_revision
+    plain = latent_key(row["image_id"], vae_name, size, False, dt, revision)
+    return plain, latent_key(row["image_id"], vae_name, size, True, dt, revision) if embed_cfg.flip else None
+
+
 def embed_images(
     manifest_rows: Sequence[Mapping],
     models_cfg: ModelsConfig,
@@ -327,14 +345,12 @@ def embed_images(
 ) -> list[tuple[str, str | None]]:
     """Cache the VAE latent distribution of every manifest row's image (and its mirror image
     when embed_cfg.flip); return (latent key, flipped key or None) per row, in order."""
-    vae_name, dt, revision = vae_id(models_cfg), dtype_name(dtype), models_cfg.pixart_revision
     # One job per latent to compute: key -> (image id, path, flipped, size). Dict order dedupes.
     jobs: dict[str, tuple[str, str, bool, Size]] = {}
     pairs = []
     for row in manifest_rows:
         size = image_size(row, embed_cfg)
-        plain = latent_key(row["image_id"], vae_name, size, False, dt, revision)
-        flipped = latent_key(row["image_id"], vae_name, size, True, dt, revision) if embed_cfg.flip else None
+        plain, flipped = latent_cache_keys(row, models_cfg, embed_cfg, dtype)
         pairs.append((plain, flipped))
         jobs[plain] = (row["image_id"], row["image_path"], False, size)
         if flipped:

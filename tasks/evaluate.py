@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from configs import RunConfig
 from tasks import model_loading
+from tasks.atomic import write_bytes, write_text
 from tasks.buckets import bucket_name
 from tasks.cache import content_key, file_sha256
 from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
@@ -365,9 +365,9 @@ def _write_outputs(
         grid_paths.append(_write_png(output_dir / "grids" / f"{index:03d}.png", grid))
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     rows = result_rows(prompts, config, lineage, created_at)
-    results_path = _write_text(output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    report_path = _write_text(output_dir / "report.md", render_report(prompts, config, lineage, metrics))
+    results_path = write_text(output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    report_path = write_text(output_dir / "report.md", render_report(prompts, config, lineage, metrics))
     return EvalResult(results_path, report_path, grid_paths, metrics, image_count=len(rows))
 
 
@@ -379,7 +379,7 @@ def _write_done(output_dir: Path, result: EvalResult) -> None:
         "metrics": result.metrics,
         "image_count": result.image_count,
     }
-    _write_text(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
+    write_text(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
 
 
 def _read_done(output_dir: Path) -> EvalResult | None:
@@ -455,22 +455,10 @@ def _adapter_file(adapter_dir: str | Path, name: str) -> Path:
     return path
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _write_bytes(path, text.encode())
-
-
 def _write_png(path: Path, image: Image.Image) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return _write_bytes(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())
 
 
 @task(name="evaluate")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
@@ -13,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from configs import RunConfig
+from tasks.atomic import write_text
 from tasks.cache import content_key
 from tasks.oxen_repos import describe
 
@@ -64,20 +64,12 @@ def build_lineage(config: RunConfig, run_id: str, dataset_commit: str, adapter_d
 
 
 def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_run_files(config: RunConfig, run_dir: Path, lineage: dict) -> dict[str, Path]:
     """The resolved config and lineage, as the results commit will hold them."""
-    config_path = run_dir / "config.yaml"
-    tmp = config_path.with_name(".config.yaml.tmp")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, config_path)
+    config_path = write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return {"config.yaml": config_path, "lineage.json": write_json(run_dir / "lineage.json", lineage)}
 
 

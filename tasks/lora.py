@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +37,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save, save_file
 
 from configs import ModelsConfig
+from tasks.atomic import atomic_dir
 from tasks.model_loading import load_transformer
 
 ADAPTER_NAME = "style"
@@ -50,22 +46,6 @@ PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 _PEFT_PREFIX = "base_model.model."
-
-
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `dest`; it becomes `dest` only if the block succeeds, so a
-    reader never sees a half-written folder. An existing `dest` is replaced."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():  # os.replace cannot overwrite a non-empty folder
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _transformer_of(pipeline_or_transformer: torch.nn.Module) -> torch.nn.Module:

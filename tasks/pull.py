@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 
 from configs import DatasetConfig, RunConfig
 from tasks import oxen_repos
+from tasks.atomic import write_text
 from tasks.cache import content_key
 from tasks.contracts import MANIFEST, write_table
 from tasks.images import load_rgb
@@ -207,9 +208,7 @@ def pull_dataset(cfg: DatasetConfig, workdir: WorkDir) -> PullResult:
     out_dir = workdir.root / "cache" / "manifests" / key
     manifest_path = write_table(pa.Table.from_pylist(rows_out, schema=MANIFEST), MANIFEST, out_dir / "manifest.parquet")
     report_path = out_dir / "pull_report.jsonl"
-    tmp = report_path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p, default=str) + "\n" for p in problems))
-    os.replace(tmp, report_path)
+    write_text(report_path, "".join(json.dumps(p, default=str) + "\n" for p in problems))
     return PullResult(manifest_path, report_path, commit_id, len(rows_out), len(problems))
 
 

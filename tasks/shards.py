@@ -29,17 +29,12 @@ from tasks.cache import ShardedCache
 from tasks.contracts import CAPTION_CACHE, LATENTS, MANIFEST, TEXT_EMBEDDINGS, read_table
 from tasks.embed import (
     EMPTY_TEXT,
-    dtype_name,
     embed_images,
     embed_texts,
-    image_size,
-    latent_key,
+    latent_cache_keys,
     read_prompts,
     resolve_prompts_file,
-    text_embedding_key,
-    text_encoder_id,
-    text_encoder_revision,
-    vae_id,
+    text_cache_keys,
 )
 from tasks.recaption import caption_images, caption_keys
 from tasks.workdir import WorkDir
@@ -51,23 +46,12 @@ STAGES = ("recaption", "embed")
 
 
 def text_key(text: str, config: RunConfig) -> str:
-    """The key embed.embed_texts gives `text`."""
-    models, dtype = config.models, dtype_name(model_loading.DTYPES[config.dtype])
-    return text_embedding_key(
-        text, text_encoder_id(models), config.embed.max_length, dtype, text_encoder_revision(models)
-    )
+    return text_cache_keys([text], config.models, config.embed, model_loading.DTYPES[config.dtype])[0]
 
 
 def latent_keys(row: Mapping, config: RunConfig) -> list[str]:
-    """The keys embed.embed_images gives a manifest row's image (and its mirror image with embed.flip)."""
-    size, dtype = image_size(row, config.embed), dtype_name(model_loading.DTYPES[config.dtype])
-    flips = (False, True) if config.embed.flip else (False,)
-    return [
-        latent_key(
-            row["image_id"], vae_id(config.models), size, flipped, dtype, config.models.pixart_revision
-        )
-        for flipped in flips
-    ]
+    keys = latent_cache_keys(row, config.models, config.embed, model_loading.DTYPES[config.dtype])
+    return [key for key in keys if key]
 
 
 def prompt_texts(config: RunConfig) -> list[str]:

@@ -14,9 +14,7 @@ safetensors, so cached models are reproducible across machines.
 from __future__ import annotations
 
 import io
-import os
 import random
-import shutil
 import string
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +41,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from tasks.atomic import atomic_dir
 
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples by 8 -> 8x8 latents
 _LATENT_SIZE = TINY_RESOLUTION // 8
@@ -188,26 +188,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temp folder next to ``dest``; move it into place only on success, so a
-    killed or failed build never leaves a half-written model that looks complete."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():  # os.replace cannot overwrite a non-empty directory
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_tiny_pixart(dest: Path, seed: int = 0) -> Path:
     """Write a PixArt-alpha pipeline folder (model_index.json + component subfolders)
     loadable by ``PixArtAlphaPipeline.from_pretrained(dest)`` or per component."""
@@ -245,7 +225,7 @@ def build_tiny_pixart(dest: Path, seed: int = 0) -> Path:
     )
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
-    with _atomic_dir(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return dest
 
@@ -278,7 +258,7 @@ def build_tiny_llava(dest: Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     processor = llava_processor(tokenizer, _LLAVA_IMAGE_SIZE, _LLAVA_PATCH)  # 16 image tokens
-    with _atomic_dir(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return dest

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -56,11 +55,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from configs import RunConfig, TrainConfig, load_config
+from tasks.atomic import atomic_dir, write_text
 from tasks.buckets import bucket_batches
 from tasks.cache import content_key
 from tasks.cached_dataset import CachedTrainView, DeviceTrainView, build_train_view, is_current, view_key
 from tasks.contracts import TRAIN_SET, read_table
-from tasks.lora import ADAPTER_NAME, atomic_dir, save_adapter
+from tasks.lora import ADAPTER_NAME, save_adapter
 from tasks.model_loading import (
     DTYPES,
     load_noise_scheduler,
@@ -338,12 +338,6 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
     return records
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _summary(records: list[dict]) -> tuple[float, float]:
     k = max(1, min(10, len(records) // 5))
     losses = [r["loss"] for r in records]
@@ -455,7 +449,7 @@ def _train(train_set_path, text_cache, latent_cache, config, output_dir, progres
     accelerator.wait_for_everyone()
     if main:
         save_adapter(accelerator.unwrap_model(model), result.adapter_dir, base_model=config.models.pixart)
-        _write_json(output_dir / "done.json", asdict(result))  # last: marks the folder complete
+        write_text(output_dir / "done.json", json.dumps(asdict(result), indent=2, default=str) + "\n")  # last: marks the folder complete
     accelerator.wait_for_everyone()
     return result
 

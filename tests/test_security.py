@@ -271,31 +271,20 @@ def pickle_only_copy(source: Path, dest: Path, marker: Path, subfolder: str, bin
     return dest
 
 
-def test_pickle_only_transformer_is_refused(tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    "model, subfolder, bin_name, load",
+    [
+        ("pixart", "transformer", "diffusion_pytorch_model.bin", model_loading.load_transformer),
+        ("pixart", "text_encoder", "pytorch_model.bin", model_loading.load_text_encoder),
+        ("llava", ".", "pytorch_model.bin", model_loading.load_captioner),
+    ],
+    ids=["transformer", "text_encoder", "captioner"],
+)
+def test_pickle_only_model_is_refused(tiny_models, tmp_path, model, subfolder, bin_name, load):
     marker = tmp_path / "code-ran"
-    folder = pickle_only_copy(
-        tiny_models["pixart"], tmp_path / "pixart", marker, "transformer", "diffusion_pytorch_model.bin"
-    )
-    with pytest.raises(OSError, match="models.pixart="):
-        model_loading.load_transformer(ModelsConfig(pixart=str(folder)), torch.float32, torch.device("cpu"))
-    assert not marker.exists()
-
-
-def test_pickle_only_text_encoder_is_refused(tiny_models, tmp_path):
-    marker = tmp_path / "code-ran"
-    folder = pickle_only_copy(
-        tiny_models["pixart"], tmp_path / "pixart", marker, "text_encoder", "pytorch_model.bin"
-    )
-    with pytest.raises(OSError, match="models.pixart="):
-        model_loading.load_text_encoder(ModelsConfig(pixart=str(folder)), torch.float32, torch.device("cpu"))
-    assert not marker.exists()
-
-
-def test_pickle_only_captioner_is_refused(tiny_models, tmp_path):
-    marker = tmp_path / "code-ran"
-    folder = pickle_only_copy(tiny_models["llava"], tmp_path / "llava", marker, ".", "pytorch_model.bin")
-    with pytest.raises(OSError, match="models.llava="):
-        model_loading.load_captioner(ModelsConfig(llava=str(folder)), torch.float32, torch.device("cpu"))
+    folder = pickle_only_copy(tiny_models[model], tmp_path / model, marker, subfolder, bin_name)
+    with pytest.raises(OSError, match=f"models.{model}="):
+        load(ModelsConfig(**{model: str(folder)}), torch.float32, torch.device("cpu"))
     assert not marker.exists()
 
 

@@ -272,7 +272,8 @@ def merged(base: dict, overrides: dict) -> dict:
 
 
 def write_config(
-    dest: Path, mode: str, models: dict, data_dir: Path, prompts: Path, epochs: int, dask_workers: int = 0
+    dest: Path, mode: str, models: dict, data_dir: Path, prompts: Path, epochs: int, dask_workers: int = 0,
+    lora_targets: str | None = None,
 ) -> RunConfig:
     """The run's YAML at `dest`, returned as loaded and validated by configs.load_config."""
     base = yaml.safe_load((CONFIG_DIR / "lego.yaml").read_text())
@@ -293,6 +294,8 @@ def write_config(
     settings["results"] = {"repo": "oxen/gpu-style-results"}
     if dask_workers:
         settings["distributed"] = {"engine": "dask", "workers": dask_workers}
+    if lora_targets:
+        settings["train"]["target_modules"] = lora_targets
     write_text(
         dest, f"# written by bench/gpu_style_run.py ({mode})\n" + yaml.safe_dump(settings, sort_keys=False)
     )
@@ -441,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dask-workers", type=int, default=0,
                         help="fan re-captioning and embedding out to this many local Dask workers, "
                              "one GPU each (issue 9.4); 0: no fan-out")  # fmt: skip
+    parser.add_argument("--lora-targets", choices=["reference", "attention"],
+                        help="LoRA target preset (default: configs/lego.yaml's, the reference's 12)")  # fmt: skip
     args = parser.parse_args(argv)
     args.mode = "tiny" if args.tiny else "small-card" if args.small_card else "full"
     for name, default in zip(("images", "prompts", "epochs"), DEFAULTS[args.mode], strict=True):
@@ -465,7 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts_file = make_prompts(root / f"prompts-{args.prompts}.jsonl", args.prompts)
     run_root = root / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     config_path = run_root / "config.yaml"
-    config = write_config(config_path, mode, models, data_dir, prompts_file, args.epochs, args.dask_workers)
+    config = write_config(
+        config_path, mode, models, data_dir, prompts_file, args.epochs, args.dask_workers, args.lora_targets
+    )
     summary, cli_wall = run_cli(config_path, run_root / "work", run_root / "cli.log", mode == "tiny")
 
     figures = report(summary, config, mode, args.images, cli_wall)
@@ -473,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": mode, "device": device, "images": args.images,
         "prompts": args.prompts, "epochs": args.epochs, "config": str(config_path),
-        "settings": VARIANTS[mode], "run_id": summary["run_id"], **figures,
+        "settings": VARIANTS[mode], "lora_targets": config.train.target_modules, "run_id": summary["run_id"], **figures,
     }  # fmt: skip
     write_text(args.out, json.dumps(result, indent=1, default=str) + "\n")
     print(f"report: {args.out}", flush=True)

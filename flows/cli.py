@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from configs import CONFIG_DIR, ConfigError, load_config
@@ -56,14 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_style(config_path: Path, workdir: Path, keep_server: bool) -> int:
+    start = time.perf_counter()
     config = load_config(config_path)  # before the server starts: a bad config costs nothing
     configure_environment(workdir / "prefect")
     with prefect_server(workdir / "prefect", keep=keep_server) as server:
         from flows.style_run import style_run  # imports torch & co. while the server boots
 
-        print(f"Prefect API: {server.wait_ready()}")
+        print(f"Prefect API: {server.wait_ready()} (ready {time.perf_counter() - start:.1f} s after start)")
+        flow_start = time.perf_counter()
         result = style_run(config=config, workdir=str(workdir))
+        flow_end = time.perf_counter()
     print(json.dumps(result, indent=2))
+    stopped = time.perf_counter() - flow_end
+    print(f"flow {flow_end - flow_start:.1f} s; logs flushed and server stopped in {stopped:.1f} s", file=sys.stderr)
     return 0
 
 

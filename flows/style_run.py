@@ -31,7 +31,7 @@ from flows.fanout import fan_out
 from flows.gpu import gpu_slot
 from tasks import artifacts
 from tasks.embed import embed_task, read_prompts, resolve_prompts_file
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, model_names
 from tasks.lineage import build_lineage, make_run_id, write_run_files, write_run_summary
 from tasks.oxen_repos import use_token
 from tasks.pull import pull_task
@@ -215,14 +215,16 @@ def publish_evaluation(run: RunBoard, config: RunConfig, run_id: str, run_dir: s
     prompts = read_prompts(resolve_prompts_file(config.evaluate.prompts_file), config.evaluate.style_template)
     labels = [f"{i}. {p['prompt']}" for i, p in enumerate(prompts)]
     grids, seeds = evaluated["grid_paths"], config.evaluate.seeds
+    columns = len(model_names(config))  # base, checkpoints, LoRA side by side
     if len(labels) != len(grids):
         run.logger.warning("%d grids for %d prompts: no grid sheet", len(grids), len(labels))
     else:
         folder = Path(run_dir) / "artifacts"
-        sheet = artifacts.grid_sheet(grids, labels, folder / "lora-grid.png")
+        sheet = artifacts.grid_sheet(grids, labels, folder / "lora-grid.png", columns=columns)
         title = f"base | LoRA for {len(labels)} prompts, seeds {', '.join(map(str, seeds))}"
         if not run.can_show(sheet) and len(seeds) > 1:  # too large to inline, no image server: seed 0 only
-            sheet = artifacts.grid_sheet(grids, labels, folder / "lora-grid-seed0.png", rows=(1, len(seeds)))
+            preview = folder / "lora-grid-seed0.png"
+            sheet = artifacts.grid_sheet(grids, labels, preview, rows=(1, len(seeds)), columns=columns)
             title = f"base | LoRA for {len(labels)} prompts, seed {seeds[0]} (all seeds: results grids/)"
         run.image("lora-grid", sheet, title)
     run.markdown("style-shift", artifacts.metrics_markdown(evaluated["metrics"], run_id),

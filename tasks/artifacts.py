@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -52,10 +53,10 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _atomic_save(image: Image.Image, out_path: Path) -> Path:
+def _atomic_save(image: Image.Image, out_path: Path, compress_level: int = 6) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="PNG", optimize=True)
+    image.save(tmp, format="PNG", compress_level=compress_level)  # no optimize=True: slow, saves little
     os.replace(tmp, out_path)
     return out_path
 
@@ -66,20 +67,29 @@ def grid_sheet(
     out_path: Path,
     min_width: int = 256,
     rows: tuple[int, int] | None = None,
+    max_cell: int = 256,
+    columns: int = 2,
 ) -> Path:
     """All base|LoRA grids of an evaluation in one image: a row per prompt, its label above it.
 
     Each grid has one row per seed; `rows=(keep, of)` keeps the first `keep` of its `of` rows (a
-    preview small enough to inline). Tiny grids (the demo's images are 64 px) are enlarged by whole
-    pixels so they stay sharp."""
+    preview small enough to inline). The sheet is a preview: a grid of `columns` images (models)
+    wider than `max_cell` px per image is shrunk to that (full-size images are in the evaluation's
+    grids/). Tiny grids (the demo's images are 64 px) are enlarged by whole pixels so they stay sharp."""
     if not grid_paths:
         raise ValueError("no grids to put on the sheet")
     if len(labels) != len(grid_paths):
         raise ValueError(f"{len(labels)} labels for {len(grid_paths)} grids")
-    grids = [Image.open(p).convert("RGB") for p in grid_paths]
-    if rows is not None:
-        keep, total = rows
-        grids = [g.crop((0, 0, g.width, g.height // total * keep)) for g in grids]
+
+    def load(path: str | Path) -> Image.Image:
+        grid = Image.open(path).convert("RGB")
+        if rows is not None:
+            keep, total = rows
+            grid = grid.crop((0, 0, grid.width, grid.height // total * keep))
+        return _shrink(grid, max_cell * columns)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PNG decode and resize free the GIL
+        grids = list(pool.map(load, grid_paths))
     scale = max(1, -(-min_width // max(g.width for g in grids)))
     grids = [g.resize((g.width * scale, g.height * scale), Image.Resampling.NEAREST) for g in grids]
     font, pad, label_h = _font(12), 6, 18
@@ -96,7 +106,16 @@ def grid_sheet(
         draw.text((pad, y + 2), _fit(draw, label, font, width - 2 * pad), fill="#333333", font=font)
         sheet.paste(grid, (pad, y + label_h))
         y += label_h + grid.height + pad
-    return _atomic_save(sheet, out_path)
+    return _atomic_save(sheet, out_path, compress_level=1)  # a tall preview: fast beats small
+
+
+def _shrink(grid: Image.Image, width: int) -> Image.Image:
+    """`grid` at most `width` px wide, aspect kept. BOX averages each cell's pixels: no aliasing,
+    exact for the usual halving of 512 px images, and ~3x faster than LANCZOS on a full sheet."""
+    if grid.width <= width:
+        return grid
+    height = max(1, round(grid.height * width / grid.width))
+    return grid.resize((width, height), Image.Resampling.BOX)
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:

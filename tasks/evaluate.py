@@ -14,13 +14,21 @@ beside the adapter folder) loaded into the applied adapter.
     <output_dir>/metrics.json, report.md                      style shift (tasks/style_metrics.py),
                                                               per model name as in results' `model`
     <output_dir>/done.json                                    written last: a re-run is a cache hit
+
+EvalResult.timings (also in done.json and the task's log and result) holds the wall seconds of each
+phase: load, sample <model> per model name, decode, clip, metrics, write.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,6 +58,8 @@ ADAPTER_FILES = (PEFT_WEIGHTS, PEFT_CONFIG)  # what apply_lora loads
 # Training latents decoded for the colour and CLIP references; the means settle long before this.
 MAX_COLOR_REFERENCE = 64
 CHECKPOINT_WEIGHTS = "lora.safetensors"  # in train.py's checkpoint-<step>/ folders
+# PIL's PNG encoder releases the GIL, so threads encode in parallel; more than 8 gains little.
+PNG_WORKERS = min(8, os.cpu_count() or 1)
 
 
 def model_names(config: RunConfig) -> list[str]:
@@ -74,6 +84,8 @@ class EvalResult:
     grid_paths: list[Path]
     metrics: dict
     image_count: int
+    # Wall seconds per phase (see the module docstring); clocks differ between equal results.
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
     cached: bool = field(default=False, compare=False)
 
 
@@ -131,6 +143,28 @@ def load_checkpoint_weights(transformer, path: Path) -> None:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+
+
+# ---- timings ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall seconds to timings[name]; a phase may run in several blocks. On CUDA
+    no synchronize is needed: every timed phase ends by copying its results to the CPU."""
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def images_per_second(timings: dict[str, float], image_count: int) -> float | None:
+    """Sampling throughput over all models; None when no sampling was timed (an older done.json)."""
+    seconds = sum(v for k, v in timings.items() if k.startswith("sample "))
+    return round(image_count / seconds, 2) if seconds > 0 else None
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:g} s" for name, seconds in timings.items()) or "none recorded"
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -218,6 +252,7 @@ class Samples:
     train_stds: np.ndarray
     train_images: np.ndarray  # decoded training means, the colour and CLIP reference
     clip: dict[str, np.ndarray] | None  # model name (and 'train') -> CLIP image embeddings
+    timings: dict[str, float] = field(default_factory=dict)  # unrounded wall seconds per phase
 
 
 def sample_all(
@@ -226,17 +261,19 @@ def sample_all(
 ) -> Samples:  # fmt: skip
     """Sample every model of model_names(config) for every prompt x seed; decode; embed with CLIP."""
     device, dtype = model_loading.pick_device(config.device), model_loading.DTYPES[config.dtype]
-    transformer = model_loading.load_transformer(config.models, dtype, device)
-    vae = model_loading.load_vae(config.models, dtype, device)
-    keys = [p["text_key"] for p in prompts] + [empty_text_key]
-    embeds, mask = load_text_embeddings(Path(text_cache), keys, config.embed.max_length)
-    if embeds.shape[-1] != transformer.config.caption_channels:
-        raise ValueError(
-            f"{text_cache}: embeddings have {embeds.shape[-1]} values per token, the transformer "
-            f"expects {transformer.config.caption_channels} (another text encoder?)"
-        )
-    pipe = build_pipeline(transformer, vae, config)
-    train_latents = load_train_latents(train_set_path, latent_cache, config.embed.resolution)
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):  # everything read from disk before sampling
+        transformer = model_loading.load_transformer(config.models, dtype, device)
+        vae = model_loading.load_vae(config.models, dtype, device)
+        keys = [p["text_key"] for p in prompts] + [empty_text_key]
+        embeds, mask = load_text_embeddings(Path(text_cache), keys, config.embed.max_length)
+        if embeds.shape[-1] != transformer.config.caption_channels:
+            raise ValueError(
+                f"{text_cache}: embeddings have {embeds.shape[-1]} values per token, the transformer "
+                f"expects {transformer.config.caption_channels} (another text encoder?)"
+            )
+        pipe = build_pipeline(transformer, vae, config)
+        train_latents = load_train_latents(train_set_path, latent_cache, config.embed.resolution)
     means, stds = (a * vae.config.scaling_factor for a in train_latents)
     side = config.embed.resolution // pipe.vae_scale_factor
     if means.shape[1:] != (transformer.config.in_channels, side, side):
@@ -246,28 +283,35 @@ def sample_all(
         )
 
     items = [(i, seed) for i in range(len(prompts)) for seed in config.evaluate.seeds]
-    latents = {"base": generate_latents(pipe, embeds, mask, items, config, "sampling base")}
-    apply_lora(pipe, adapter_dir, scale=1.0)  # in place: the same transformer, now with the adapter
-    latents["lora"] = generate_latents(pipe, embeds, mask, items, config, "sampling LoRA")
+    with timed(timings, "sample base"):
+        latents = {"base": generate_latents(pipe, embeds, mask, items, config, "sampling base")}
+    with timed(timings, "load"):  # adapter weights count as loading, not as the LoRA's sampling
+        apply_lora(pipe, adapter_dir, scale=1.0)  # in place: the same transformer, now with the adapter
+    with timed(timings, "sample lora"):
+        latents["lora"] = generate_latents(pipe, embeds, mask, items, config, "sampling LoRA")
     for step in sorted(set(config.evaluate.checkpoints)):  # the same adapter, earlier weights
-        load_checkpoint_weights(transformer, checkpoint_file(adapter_dir, step))
-        latents[f"checkpoint-{step}"] = generate_latents(
-            pipe, embeds, mask, items, config, f"sampling step {step}"
-        )
+        with timed(timings, "load"):
+            load_checkpoint_weights(transformer, checkpoint_file(adapter_dir, step))
+        with timed(timings, f"sample checkpoint-{step}"):
+            latents[f"checkpoint-{step}"] = generate_latents(
+                pipe, embeds, mask, items, config, f"sampling step {step}"
+            )
     batch_size = config.evaluate.batch_size
-    images = {model: decode_images(vae, latents[model], batch_size) for model in latents}
-    train_images = decode_images(vae, torch.from_numpy(means[:MAX_COLOR_REFERENCE]), batch_size)
-    del pipe, transformer, vae
-    model_loading.release()
+    with timed(timings, "decode"):  # freeing the sampling models included
+        images = {model: decode_images(vae, latents[model], batch_size) for model in latents}
+        train_images = decode_images(vae, torch.from_numpy(means[:MAX_COLOR_REFERENCE]), batch_size)
+        del pipe, transformer, vae
+        model_loading.release()
     clip = None
     if config.evaluate.clip_model:
-        model, processor = model_loading.load_clip(config.evaluate.clip_model, dtype, device)
-        clip = {name: clip_embeddings(model, processor, imgs, batch_size) for name, imgs in images.items()}
-        clip["train"] = clip_embeddings(model, processor, train_images, batch_size)
-        del model
-        model_loading.release()
+        with timed(timings, "clip"):  # loading and freeing the CLIP model included
+            model, processor = model_loading.load_clip(config.evaluate.clip_model, dtype, device)
+            clip = {name: clip_embeddings(model, processor, x, batch_size) for name, x in images.items()}
+            clip["train"] = clip_embeddings(model, processor, train_images, batch_size)
+            del model
+            model_loading.release()
     latents = {name: value.numpy() for name, value in latents.items()}
-    return Samples(latents, images, means, stds, train_images, clip)
+    return Samples(latents, images, means, stds, train_images, clip, timings)
 
 
 # ---- outputs ---------------------------------------------------------------------------------
@@ -354,15 +398,20 @@ def _write_outputs(
     lineage: dict,
 ) -> EvalResult:  # fmt: skip
     seeds, names = config.evaluate.seeds, model_names(config)
-    grid_paths = []
-    for index in range(len(prompts)):
-        rows = range(index * len(seeds), (index + 1) * len(seeds))  # sample order: prompt-major
-        for model in names:
-            for row, seed in zip(rows, seeds, strict=True):
-                image = Image.fromarray(images[model][row])
-                _write_png(output_dir / image_relpath(model, index, seed), image)
-        grid = grid_image([[images[model][r] for r in rows] for model in names])
-        grid_paths.append(_write_png(output_dir / "grids" / f"{index:03d}.png", grid))
+    # Hundreds of PNG encodes dominate this function: threads run them in parallel. Each job builds
+    # its own PIL image, so only one job's pixels per worker are held at a time besides the arrays.
+    with ThreadPoolExecutor(max_workers=PNG_WORKERS, thread_name_prefix="png") as pool:
+        image_jobs: list[Future[Path]] = []
+        grid_jobs: list[Future[Path]] = []
+        for index in range(len(prompts)):
+            rows = range(index * len(seeds), (index + 1) * len(seeds))  # sample order: prompt-major
+            for model in names:
+                for row, seed in zip(rows, seeds, strict=True):
+                    path = output_dir / image_relpath(model, index, seed)
+                    image_jobs.append(pool.submit(_write_array, path, images[model][row]))
+            columns = [[images[model][r] for r in rows] for model in names]
+            grid_jobs.append(pool.submit(_write_grid, output_dir / "grids" / f"{index:03d}.png", columns))
+        grid_paths = _results(pool, [*image_jobs, *grid_jobs])[len(image_jobs) :]  # prompt order
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     rows = result_rows(prompts, config, lineage, created_at)
     results_path = write_text(output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -378,6 +427,7 @@ def _write_done(output_dir: Path, result: EvalResult) -> None:
         "grids": [str(p.relative_to(output_dir)) for p in result.grid_paths],
         "metrics": result.metrics,
         "image_count": result.image_count,
+        "timings": result.timings,
     }
     write_text(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
 
@@ -394,6 +444,7 @@ def _read_done(output_dir: Path) -> EvalResult | None:
         grid_paths=[output_dir / p for p in record["grids"]],
         metrics=record["metrics"],
         image_count=record["image_count"],
+        timings=record.get("timings", {}),  # absent from done.json files written before timings
         cached=True,
     )
     files = [result.results_path, result.report_path, *result.grid_paths]
@@ -435,15 +486,19 @@ def evaluate(
     samples = sample_all(
         prompts, text_cache, latent_cache, train_set_path, empty_text_key, adapter_dir, config
     )
-    metrics = style_shift(
-        samples.latents,
-        samples.images,
-        samples.train_means,
-        samples.train_stds,
-        samples.train_images,
-        samples.clip,
-    )
-    result = _write_outputs(output_dir, prompts, samples.images, metrics, config, lineage)
+    timings = samples.timings
+    with timed(timings, "metrics"):
+        metrics = style_shift(
+            samples.latents,
+            samples.images,
+            samples.train_means,
+            samples.train_stds,
+            samples.train_images,
+            samples.clip,
+        )
+    with timed(timings, "write"):
+        result = _write_outputs(output_dir, prompts, samples.images, metrics, config, lineage)
+    result = replace(result, timings={name: round(seconds, 2) for name, seconds in timings.items()})
     _write_done(output_dir, result)  # last: its presence means everything above is complete
     return result
 
@@ -459,6 +514,24 @@ def _write_png(path: Path, image: Image.Image) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return write_bytes(path, buffer.getvalue())
+
+
+def _write_array(path: Path, pixels: np.ndarray) -> Path:
+    return _write_png(path, Image.fromarray(pixels))
+
+
+def _write_grid(path: Path, columns: list[list[np.ndarray]]) -> Path:
+    return _write_png(path, grid_image(columns))
+
+
+def _results(pool: ThreadPoolExecutor, jobs: list[Future[Path]]) -> list[Path]:
+    """Every job's result in order; the first failure is raised once the jobs already running end,
+    and the ones not started are dropped rather than written for nothing."""
+    try:
+        return [job.result() for job in jobs]
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
 
 
 @task(name="evaluate")
@@ -485,6 +558,12 @@ def evaluate_task(
         "reused" if result.cached else "wrote", result.image_count, output_dir,
         result.metrics["latent_fd_base"], result.metrics["latent_fd_lora"], result.metrics["latent_fd_ratio"],
     )  # fmt: skip
+    rate = images_per_second(result.timings, result.image_count)
+    logger.info(
+        "evaluate timings%s: %s; sampling %s images/s",
+        " (of the run that wrote them)" if result.cached else "", format_timings(result.timings),
+        "unknown" if rate is None else f"{rate:g}",
+    )  # fmt: skip
     return {
         "eval_dir": str(output_dir),
         "key": key,
@@ -494,4 +573,6 @@ def evaluate_task(
         "metrics": result.metrics,
         "image_count": result.image_count,
         "cached": result.cached,
+        "timings": result.timings,
+        "images_per_s": rate,
     }

@@ -64,6 +64,26 @@ def test_grid_sheet_stacks_one_labelled_row_per_prompt(tmp_path: Path):
         artifacts.grid_sheet(grids, ["a", "b"], tmp_path / "bad.png")
 
 
+def test_grid_sheet_of_full_size_grids_is_a_preview(tmp_path: Path):
+    """512 px images (base red | LoRA blue, two seeds) come out at most 256 px a cell."""
+    grids = []
+    for i in range(3):
+        grid = Image.new("RGB", (2 * 512, 2 * 512), "red")
+        grid.paste(Image.new("RGB", (512, 2 * 512), "blue"), (512, 0))
+        grids.append(grid)
+        grid.save(tmp_path / f"{i}.png")
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    sheet = Image.open(artifacts.grid_sheet(paths, ["0. a", "1. b", "2. c"], tmp_path / "sheet.png"))
+    sheet = sheet.convert("RGB")
+    assert sheet.width <= 2 * 256 + 12  # two cells and the side padding
+    row = [sheet.getpixel((x, sheet.height // 2)) for x in range(sheet.width)]
+    assert 250 <= row.count((255, 0, 0)) <= 256 and 250 <= row.count((0, 0, 255)) <= 256
+    column = [sheet.getpixel((100, y)) for y in range(sheet.height)]
+    assert 3 * 500 <= column.count((255, 0, 0)) <= 3 * 512  # each grid 512 px tall: aspect kept
+    wider = artifacts.grid_sheet(paths, ["0. a", "1. b", "2. c"], tmp_path / "w.png", max_cell=400)
+    assert Image.open(wider).width == 2 * 400 + 12
+
+
 def test_loss_curve_is_drawn_from_the_train_log(tmp_path: Path):
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 51)))

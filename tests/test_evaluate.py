@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from configs import CONFIG_DIR, load_config
+from tasks import evaluate as evaluate_module
 from tasks import model_loading
 from tasks.cache import ShardedCache, content_key
 from tasks.contracts import LATENTS, PROMPT_SET, RESULT_FIELDS, TEXT_EMBEDDINGS, TRAIN_SET, write_table
@@ -28,6 +32,7 @@ from tasks.style_metrics import (
 )
 
 PROMPTS = [("a red circle", "shapes"), ("a teal fish | outlined", None)]
+PHASES = ["load", "sample base", "sample lora", "decode", "metrics", "write"]  # without checkpoints, CLIP
 SEEDS = [0, 1]
 LINEAGE = {name: f"test-{name}" for name in LINEAGE_FIELDS} | {"lora_rank": 4, "lora_alpha": 4.0}
 
@@ -146,11 +151,19 @@ def test_metrics_and_report_are_written(first_run):
     assert f"{metrics['latent_fd_ratio']:.3f}" in report
 
 
-def test_task_reruns_identically_then_hits_its_cache(inputs, first_run, tmp_path, monkeypatch):
+def test_task_reruns_identically_then_hits_its_cache(inputs, first_run, tmp_path, monkeypatch, caplog):
     result, output_dir = first_run
-    with prefect.logging.disable_run_logger():
+    monkeypatch.setattr(evaluate_module, "get_run_logger", lambda: logging.getLogger("evaluate-test"))
+    with caplog.at_level(logging.INFO, logger="evaluate-test"):
         record = evaluate_task.fn(**{k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()},
                                   workdir=str(tmp_path), lineage=LINEAGE)  # fmt: skip
+    assert list(record["timings"]) == PHASES
+    sampling = record["timings"]["sample base"] + record["timings"]["sample lora"]
+    rate = pytest.approx(record["image_count"] / sampling, rel=0.01) if sampling else None  # None: < 5 ms
+    assert record["images_per_s"] == rate
+    timings_line = [r.getMessage() for r in caplog.records if r.name == "evaluate-test"][-1]
+    assert timings_line.startswith("evaluate timings: load ") and "sample lora " in timings_line
+    assert "; sampling " in timings_line and timings_line.endswith(" images/s")
     key = evaluation_key(inputs["prompt_set_path"], inputs["adapter_dir"], inputs["config"])
     assert record["eval_dir"] == str(tmp_path / "cache" / "eval" / key[:16]) and not record["cached"]
     again = Path(record["eval_dir"])
@@ -165,6 +178,71 @@ def test_task_reruns_identically_then_hits_its_cache(inputs, first_run, tmp_path
     with prefect.logging.disable_run_logger():
         hit = evaluate_task.fn(**inputs, workdir=str(tmp_path), lineage=LINEAGE)
     assert hit["cached"] and hit["metrics"] == result.metrics and hit["image_count"] == result.image_count
+    assert hit["timings"] == record["timings"] and hit["images_per_s"] == record["images_per_s"]
+    json.dumps(hit)  # flows/caching.py persists task results as JSON
+
+
+def test_timings_cover_every_phase_and_are_kept_in_done_json(first_run):
+    result, output_dir = first_run
+    assert list(result.timings) == PHASES
+    assert all(seconds >= 0 and seconds == round(seconds, 2) for seconds in result.timings.values())
+    assert json.loads((output_dir / "done.json").read_text())["timings"] == result.timings
+    again = evaluate_module._read_done(output_dir)
+    assert again.cached and again.timings == result.timings and again == result
+
+
+def test_a_done_json_from_before_timings_is_still_a_cache_hit(inputs, first_run, tmp_path, monkeypatch):
+    _, output_dir = first_run
+    old = shutil.copytree(output_dir, tmp_path / "old")
+    record = json.loads((old / "done.json").read_text())
+    del record["timings"]
+    (old / "done.json").write_text(json.dumps(record))
+    monkeypatch.setattr(model_loading, "load_transformer", lambda *a: pytest.fail("sampled anyway"))
+    result = evaluate(**inputs, output_dir=old, lineage=LINEAGE)
+    assert result.cached and result.timings == {} and result.image_count == record["image_count"]
+    assert evaluate_module.images_per_second(result.timings, result.image_count) is None
+    assert evaluate_module.format_timings(result.timings) == "none recorded"
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_threaded_writes_equal_the_serial_encoding(tmp_path, monkeypatch):
+    """The PNGs written by the thread pool are byte for byte the plain one-at-a-time encoding of the
+    same pixels, and the grids come back in prompt order."""
+    config = load_config(CONFIG_DIR / "demo.yaml")
+    config.evaluate.seeds = SEEDS
+    monkeypatch.setattr(evaluate_module, "PNG_WORKERS", 4)
+    rng = np.random.default_rng(3)
+    prompts = [{"prompt": f"p{i}", "styled_prompt": f"styled p{i}", "category": None} for i in range(5)]
+    n = len(prompts) * len(SEEDS)
+    images = {m: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for m in ("base", "lora")}
+    latents = {m: rng.standard_normal((n, 4, 4, 4)) for m in images}
+    metrics = style_shift(latents, images, latents["base"], 0 * latents["base"], images["base"])
+    result = evaluate_module._write_outputs(tmp_path, prompts, images, metrics, config, LINEAGE)
+    assert result.grid_paths == [tmp_path / "grids" / f"{i:03d}.png" for i in range(len(prompts))]
+    for index in range(len(prompts)):
+        rows = range(index * len(SEEDS), (index + 1) * len(SEEDS))
+        for model in images:
+            for row, seed in zip(rows, SEEDS):
+                written = (tmp_path / evaluate_module.image_relpath(model, index, seed)).read_bytes()
+                assert written == _png_bytes(Image.fromarray(images[model][row])), (model, index, seed)
+        grid = evaluate_module.grid_image([[images[m][r] for r in rows] for m in images])
+        assert result.grid_paths[index].read_bytes() == _png_bytes(grid)
+
+    real = evaluate_module._write_png
+
+    def failing(path, image):
+        if path.name == "002.png":
+            raise OSError("disk full")
+        return real(path, image)
+
+    monkeypatch.setattr(evaluate_module, "_write_png", failing)
+    with pytest.raises(OSError, match="disk full"):  # a worker's error reaches the caller
+        evaluate_module._write_outputs(tmp_path / "failed", prompts, images, metrics, config, LINEAGE)
 
 
 def test_dpm_sampler(inputs, first_run, tmp_path):
@@ -229,6 +307,10 @@ def test_checkpoints_and_clip_similarity(inputs, first_run, tmp_path):
     assert metrics["clip_similarity_lora"] == metrics["models"]["lora"]["clip_similarity"]
     report = result.report_path.read_text()
     assert "| checkpoint-100 |" in report and "CLIP similarity" in report
+    assert list(result.timings) == [
+        "load", "sample base", "sample lora", "sample checkpoint-100", "sample checkpoint-200", "decode",
+        "clip", "metrics", "write",
+    ]  # fmt: skip
 
 
 def test_a_missing_checkpoint_fails_before_sampling(inputs, tmp_path, monkeypatch):

@@ -163,7 +163,10 @@ def test_kill_during_pull(workdir):
 def test_kill_during_recaption_between_shards(workdir):
     killed_child(workdir, "recaption")
     assert_no_half_written_entry(workdir)
-    assert len(cache_rows(Path(workdir) / "cache" / "captions", contracts.CAPTION_CACHE)) == 16
+    # The first shard: 4 batches of 4, less the captions still waiting for a full batch of retries
+    # (fewer than one batch; they are generated again by the re-run).
+    cached = len(cache_rows(Path(workdir) / "cache" / "captions", contracts.CAPTION_CACHE))
+    assert 16 - 4 < cached <= 16
     KILLS.append("recaption: between cache shards")
 
 
@@ -203,7 +206,8 @@ def test_kill_while_writing_evaluation_images(workdir):
     killed_child(workdir, "evaluate")
     assert_no_half_written_entry(workdir)
     (eval_dir,) = (Path(workdir) / "cache" / "eval").iterdir()
-    assert not (eval_dir / "done.json").exists() and len(list(eval_dir.rglob("*.png"))) == 4
+    # Killed on the 5th PNG write; the 4 before it run in other threads and may not all be done.
+    assert not (eval_dir / "done.json").exists() and len(list(eval_dir.rglob("*.png"))) <= 4
     KILLS.append("evaluate: while writing images")
 
 

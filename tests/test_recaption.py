@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -137,6 +138,11 @@ def test_degenerate_caption_is_retried_once_with_retry_settings(monkeypatch):
     results = caption_batch(None, None, ["img1", "img2"], ["p1", "p2"], max_new_tokens=8)
     assert results == [("a fine caption of a star", False), ("a teal star outlined in black", False)]
     assert calls == [(2, GREEDY), (1, RETRY)]  # only the bad one is retried, once
+    stats = {"greedy_calls": 1}  # added to, as over a stage's batches
+    assert caption_batch(None, None, ["img1", "img2"], ["p1", "p2"], max_new_tokens=8, stats=stats) == results
+    counts = {k: stats[k] for k in ("greedy_calls", "retry_calls", "retried")}
+    assert counts == {"greedy_calls": 2, "retry_calls": 1, "retried": 1}
+    assert stats["greedy_s"] >= 0 and stats["retry_s"] >= 0
 
 
 def test_still_degenerate_is_flagged_and_original_caption_used(monkeypatch, tmp_path):
@@ -155,6 +161,45 @@ def test_still_degenerate_is_flagged_and_original_caption_used(monkeypatch, tmp_
     assert all(row["flagged"] for row in table)
     assert [row["caption"] for row in table] == manifest.column("original_caption").to_pylist()
     assert all(row["generated_caption"].startswith("star star") for row in table)  # kept for review
+
+
+def test_task_logs_where_the_time_went(monkeypatch, tmp_path, caplog):
+    """Stage timings and retry counts summed over the batches, in the task's last log line."""
+
+    def every_second_empty(model, processor, images, prompts, max_new_tokens, decoding):
+        if decoding == RETRY:
+            return ["a teal star outlined in black"] * len(images)
+        return ["a fine caption of a star" if i % 2 == 0 else "" for i in range(len(images))]
+
+    monkeypatch.setattr(model_loading, "load_captioner", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(recaption, "generate_captions", every_second_empty)
+    monkeypatch.setattr(recaption, "get_run_logger", lambda: logging.getLogger("recaption-test"))
+    manifest_path = write_table(_manifest(0, 5), MANIFEST, tmp_path / "run" / "manifest.parquet")
+    config = RunConfig(
+        device="cpu", dtype="float32", dataset=DatasetConfig(repo="oxen/ds"), models=MODELS,
+        recaption=RecaptionConfig(batch_size=2, max_new_tokens=4),
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="recaption-test"):
+        out = recaption.recaption_task.fn(
+            str(manifest_path), config, str(tmp_path / "work"), str(tmp_path / "run")
+        )
+    messages = [r.getMessage() for r in caplog.records if r.name == "recaption-test"]
+    assert out["generated"] == 5 and out["flagged"] == 0
+    # Batches of 2, 2, 1: the second image of each full batch needs a retry; the two wait for
+    # each other and are retried in one call (a batch of 2).
+    last = messages[-1]
+    assert last.startswith("recaption timings: load model ") and ", load images " in last
+    assert " s (3 calls), retry " in last and " s for 2 captions (1 calls), cache writes " in last
+
+    stats: dict = {}  # the counts themselves, and nothing when everything is cached
+    cfg, cache_dir = config.recaption, tmp_path / "c"
+    caption_images(_manifest(0, 5), cfg, MODELS, CPU, F32, cache_dir, stats=stats)
+    assert (stats["greedy_calls"], stats["retry_calls"], stats["retried"]) == (3, 1, 2)
+    seconds = ("load_model_s", "load_images_s", "greedy_s", "retry_s", "cache_write_s")
+    assert all(stats[k] >= 0 for k in seconds)
+    again: dict = {}
+    assert caption_images(_manifest(0, 5), cfg, MODELS, CPU, F32, cache_dir, stats=again).generated == 0
+    assert again == {}
 
 
 # ----------------------------------------------------------------------------- tiny LLaVA

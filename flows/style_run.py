@@ -31,7 +31,7 @@ from flows.fanout import fan_out
 from flows.gpu import gpu_slot
 from tasks import artifacts
 from tasks.embed import embed_task, read_prompts, resolve_prompts_file
-from tasks.evaluate import evaluate_task, model_names
+from tasks.evaluate import evaluate_task, model_names, stamp_lineage
 from tasks.lineage import build_lineage, make_run_id, write_run_files, write_run_summary
 from tasks.oxen_repos import use_token
 from tasks.pull import pull_task
@@ -188,6 +188,10 @@ def style_run(config: RunConfig, workdir: str = "runs") -> dict:
     publish_evaluation(run, config, run_id, run_dir, evaluated)
 
     run_files = write_run_files(config, Path(run_dir), lineage)
+    # The evaluation may be shared with an earlier run (same images, other lineage): push this
+    # run's lineage in its results.jsonl and report.md.
+    run_files |= stamp_lineage(evaluated["eval_dir"], embeddings["prompt_set"], config, lineage,
+                               evaluated["metrics"], Path(run_dir) / "results")  # fmt: skip
     extra = {name: str(path) for name, path in run_files.items()}
     extra["train_log.jsonl"] = str(train_log)
     pushed = run.stage(

@@ -420,6 +420,34 @@ def _write_outputs(
     return EvalResult(results_path, report_path, grid_paths, metrics, image_count=len(rows))
 
 
+def stamp_lineage(
+    eval_dir: str | Path, prompt_set_path: str | Path, config: RunConfig, lineage: dict, metrics: dict,
+    out_dir: str | Path,
+) -> dict[str, Path]:  # fmt: skip
+    """results.jsonl and report.md of the evaluation in `eval_dir`, carrying `lineage`, in `out_dir`.
+
+    An evaluation is stored by what its images depend on (evaluation_key), so runs that differ only
+    in lineage share it: a new run name, a new code version, the same data under a new dataset
+    commit. Each run's results commit must still name its own run; the flow pushes these copies.
+    With the lineage the evaluation was written with, the copies equal its files byte for byte."""
+    _check_lineage(lineage)
+    rows = [json.loads(line) for line in (Path(eval_dir) / "results.jsonl").read_text().splitlines()]
+    stamped = [{**row, **{name: lineage[name] for name in LINEAGE_FIELDS}} for row in rows]
+    prompts = read_table(Path(prompt_set_path), PROMPT_SET).to_pylist()
+    out_dir = Path(out_dir)
+    return {
+        "results.jsonl": write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in stamped)),
+        "report.md": write_text(out_dir / "report.md", render_report(prompts, config, lineage, metrics)),
+    }
+
+
+def _check_lineage(lineage: dict) -> None:
+    missing = sorted(set(LINEAGE_FIELDS) - set(lineage))
+    unexpected = sorted(set(lineage) - set(LINEAGE_FIELDS))
+    if missing or unexpected:
+        raise ValueError(f"lineage: missing fields {missing}, unexpected fields {unexpected}")
+
+
 def _write_done(output_dir: Path, result: EvalResult) -> None:
     record = {
         "results": result.results_path.name,
@@ -471,10 +499,7 @@ def evaluate(
     done = _read_done(output_dir)
     if done is not None:
         return done
-    missing = sorted(set(LINEAGE_FIELDS) - set(lineage))
-    unexpected = sorted(set(lineage) - set(LINEAGE_FIELDS))
-    if missing or unexpected:
-        raise ValueError(f"lineage: missing fields {missing}, unexpected fields {unexpected}")
+    _check_lineage(lineage)
     for name in ADAPTER_FILES:
         _adapter_file(adapter_dir, name)
     prompts = read_table(Path(prompt_set_path), PROMPT_SET).to_pylist()

@@ -22,7 +22,7 @@ from tasks import evaluate as evaluate_module
 from tasks import model_loading
 from tasks.cache import ShardedCache, content_key
 from tasks.contracts import LATENTS, PROMPT_SET, RESULT_FIELDS, TEXT_EMBEDDINGS, TRAIN_SET, write_table
-from tasks.evaluate import LINEAGE_FIELDS, evaluate, evaluate_task, evaluation_key
+from tasks.evaluate import LINEAGE_FIELDS, evaluate, evaluate_task, evaluation_key, stamp_lineage
 from tasks.lora import ADAPTER_NAME, save_adapter
 from tasks.style_metrics import (
     frechet_distance_diagonal,
@@ -243,6 +243,25 @@ def test_threaded_writes_equal_the_serial_encoding(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_module, "_write_png", failing)
     with pytest.raises(OSError, match="disk full"):  # a worker's error reaches the caller
         evaluate_module._write_outputs(tmp_path / "failed", prompts, images, metrics, config, LINEAGE)
+
+
+def test_stamping_puts_another_runs_lineage_on_a_shared_evaluation(inputs, first_run, tmp_path):
+    result, output_dir = first_run
+    prompt_set, config = inputs["prompt_set_path"], inputs["config"]
+    same = stamp_lineage(output_dir, prompt_set, config, LINEAGE, result.metrics, tmp_path / "same")
+    for name, path in same.items():  # the lineage it was written with: the same bytes
+        assert path.read_bytes() == (output_dir / name).read_bytes(), name
+
+    other = LINEAGE | {"run_id": "demo-renamed", "code_version": "abc123"}
+    stamped = stamp_lineage(output_dir, prompt_set, config, other, result.metrics, tmp_path / "other")
+    before = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in stamped["results.jsonl"].read_text().splitlines()]
+    assert len(after) == len(before) and all(tuple(row) == RESULT_FIELDS for row in after)
+    for old, new in zip(before, after, strict=True):
+        assert new == old | {"run_id": "demo-renamed", "code_version": "abc123"}
+    assert "| run | demo-renamed |" in stamped["report.md"].read_text()
+    with pytest.raises(ValueError, match="lineage: missing fields"):
+        stamp_lineage(output_dir, prompt_set, config, {"run_id": "x"}, result.metrics, tmp_path / "bad")
 
 
 def test_dpm_sampler(inputs, first_run, tmp_path):

@@ -76,6 +76,34 @@ def test_rerun_with_nothing_changed_recomputes_nothing(demo_run):
     assert second["results"]["commit_id"] == first["results"]["commit_id"]
 
 
+@pytest.fixture(scope="module")
+def renamed_run(demo_run):
+    """The demo again under another run name: new lineage, the same images."""
+    from flows.style_run import style_run
+
+    workdir, _, _ = demo_run
+    config = load_config(CONFIG_DIR / "demo.yaml")
+    config.run_name = "demo-renamed"
+    return style_run(config=config, workdir=str(workdir))
+
+
+def test_a_renamed_run_reuses_the_evaluation_and_pushes_its_own_lineage(demo_run, renamed_run):
+    _, first, _ = demo_run
+    assert renamed_run["run_id"] != first["run_id"]
+    stages = json.loads(Path(renamed_run["summary"]).read_text())["stages"]
+    assert stages["evaluate"]["state"] == "Cached" and stages["push"]["state"] == "Completed"
+    pushed = renamed_run["results"]
+    repo = oxen.Repo(pushed["repo"])
+    repo.checkout(pushed["branch"])
+    try:
+        root = Path(pushed["repo"])
+        rows = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+        assert rows and {row["run_id"] for row in rows} == {renamed_run["run_id"]}
+        assert f"| run | {renamed_run['run_id']} |" in (root / "report.md").read_text()
+    finally:
+        repo.checkout("main")
+
+
 def test_cli_demo_runs_under_its_own_prefect_server(tmp_path: Path):
     """README command 1, minus set-up: a fresh work dir, a local Prefect server started and stopped."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

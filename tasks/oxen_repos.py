@@ -134,13 +134,24 @@ def _local_commit_id(repo: oxen.Repo, revision: str, label: str) -> str:
     return revision  # a commit id; checked when the first file is restored from it
 
 
+ASIDE_SUFFIX = ".pixart-aside"
+
+
 class LocalRevision:
-    """Files of a local repo at one commit, read without moving the repo's branch."""
+    """Files of a local repo at one commit, read without moving the repo's branch.
+
+    Oxen reads an older file by restoring it into the working tree, so each read sets aside what
+    is at that path first (HEAD's file, or an untracked one of the user's), restores, reads, and
+    puts it back with a rename: the working tree ends as it was, byte for byte. A kill mid-read
+    leaves the set-aside file next to it (`.<name>.pixart-aside`), and the next reader of the repo
+puts it back before anything else."""
 
     def __init__(self, path: Path, revision: str):
         self.path = path
         self.repo = _open_local(path)
         self.label = str(path)
+        for aside in _asides(path):  # a read killed midway: put its file back
+            os.replace(aside, aside.with_name(aside.name[1 : -len(ASIDE_SUFFIX)]))
         status = self.repo.status()
         changed = (
             status.added_files() + status.modified_files() + status.removed_files()
@@ -150,30 +161,40 @@ class LocalRevision:
             raise OxenError(f"{path}: has uncommitted changes ({changed[:3]}...); commit them before a pull")
         self.commit_id = _local_commit_id(self.repo, revision, self.label)
         self.revision = revision
-        self._touched: list[tuple[Path, bool]] = []
 
     def read_bytes(self, rel_path: str) -> bytes:
         target = self.path / rel_path
-        existed = target.exists()
+        if target.is_dir() and not target.is_symlink():
+            raise IsADirectoryError(f"{rel_path}: a folder in {self.label}, not a file")
+        aside = target.with_name(f".{target.name}{ASIDE_SUFFIX}")
+        if os.path.lexists(target):  # a dangling symlink too
+            os.replace(target, aside)
         try:
             self.repo.restore(rel_path, source=self.commit_id)
+            return target.read_bytes()
         except ValueError as exc:
             if "Commit not found" in str(exc):
                 raise OxenError(f"{self.label}: revision {self.revision!r} does not exist") from None
             raise FileNotFoundError(f"{rel_path}: not in {self.label} at {self.revision}") from None
-        # Only now: a file the commit lacks was not touched, and close() must not restore it
-        # (an untracked file, which HEAD lacks too, made that restore fail).
-        self._touched.append((target, existed))
-        return target.read_bytes()
+        finally:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # the commit has a folder there
+            if os.path.lexists(aside):
+                os.replace(aside, target)
+            else:
+                target.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Put HEAD's version of every file we touched back (or remove files HEAD lacks)."""
-        for target, existed in reversed(self._touched):
-            if existed:
-                self.repo.restore(str(target.relative_to(self.path)))
-            elif target.exists():
-                target.unlink()
-        self._touched.clear()
+        """Nothing left to put back: every read restored the working tree itself."""
+
+
+def _asides(root: Path) -> list[Path]:
+    """Files LocalRevision set aside, outside Oxen's own folder (which can hold every version)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".oxen"]
+        found += [Path(folder) / f for f in files if f.startswith(".") and f.endswith(ASIDE_SUFFIX)]
+    return found
 
 
 class RemoteRevision:

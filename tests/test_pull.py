@@ -135,3 +135,39 @@ def test_commit_to_branch_is_one_commit_per_run(tmp_path: Path):
     repo.checkout("runs/r1")
     assert (repo_path / "images" / "a.txt").read_text() == '{"model": "lora"}\n'
     assert [c.message for c in repo.log()][:1] == ["Run r1"]
+
+
+def test_reading_an_older_commit_keeps_an_untracked_file_in_its_place(dataset_repo: Path):
+    """The older commit has a file that HEAD lacks, and the user keeps an untracked file there."""
+    from tasks.oxen_repos import open_revision
+
+    name = "images/0001_mustard_star.png"
+    original = (dataset_repo / name).read_bytes()
+    first = oxen.Repo(str(dataset_repo)).log()[0].id
+    repo = oxen.Repo(str(dataset_repo))
+    (dataset_repo / name).unlink()
+    repo.rm(name)
+    repo.commit("drop one image")
+    (dataset_repo / name).write_bytes(b"the user's own file")
+    cfg = DatasetConfig(repo=str(dataset_repo), revision=first)
+    with open_revision(cfg, first, dataset_repo) as revision:
+        assert revision.read_bytes(name) == original
+        assert revision.read_bytes("metadata.jsonl")  # a tracked file, the same at both commits
+    assert (dataset_repo / name).read_bytes() == b"the user's own file"
+    assert oxen.Repo(str(dataset_repo)).status().modified_files() == []
+
+
+def test_a_read_killed_midway_is_put_back_by_the_next_reader(dataset_repo: Path):
+    from tasks.oxen_repos import open_revision
+
+    name = "images/0001_mustard_star.png"
+    head = (dataset_repo / name).read_bytes()
+    first = oxen.Repo(str(dataset_repo)).log()[0].id
+    # What a SIGKILL between the restore and the rename back leaves: HEAD's file set aside and
+    # another version in its place.
+    (dataset_repo / name).rename(dataset_repo / "images" / ".0001_mustard_star.png.pixart-aside")
+    (dataset_repo / name).write_bytes(b"an older version")
+    with open_revision(DatasetConfig(repo=str(dataset_repo), revision=first), first, dataset_repo):
+        pass  # refused as 'uncommitted changes' without the put-back
+    assert (dataset_repo / name).read_bytes() == head
+    assert not list(dataset_repo.rglob("*.pixart-aside"))

@@ -223,6 +223,7 @@ def bench_variant(
     profile=False,
     attn=None,
     no_input_cast=False,
+    compile_mode=None,
     **train,
 ):
     from diffusers.optimization import get_scheduler
@@ -234,7 +235,20 @@ def bench_variant(
     free()
     baseline = allocated_gib()
     reset_peak()
-    transformer = tt.lora_transformer(config, DEVICE)
+    if compile_mode:  # e.g. max-autotune-no-cudagraphs: Triton GEMM templates with fused epilogues
+        torch._dynamo.reset()
+        plain_compile = tt.compile_blocks
+
+        def compile_with_mode(transformer):
+            for block in transformer.transformer_blocks:
+                block.compile(mode=compile_mode, dynamic=False)
+
+        tt.compile_blocks = compile_with_mode
+    try:
+        transformer = tt.lora_transformer(config, DEVICE)
+    finally:
+        if compile_mode:
+            tt.compile_blocks = plain_compile
     if no_input_cast:  # PEFT casts each LoRA input to the fp32 adapter dtype; autocast recasts it to bf16
         from peft.tuners.lora import LoraLayer
 
@@ -267,7 +281,7 @@ def bench_variant(
         lr_scheduler.step()
         losses.append(loss)
 
-    result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": cfg.compile,
+    result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": compile_mode or cfg.compile,
               "fused_adamw": fused, "data": type(data).__name__, "baseline_alloc_GiB": baseline}  # fmt: skip
     context = nullcontext()
     if attn is not None:  # pin SDPA's backends; a fresh compile so the graph picks them up
@@ -402,6 +416,11 @@ def bench_project(report: Report) -> None:
     bench_data_path(report, view, 32)
 
     variants = [
+        ("proj_b32_compiled_max_autotune", dict(batch_size=32, gradient_checkpointing=False, compile=True,
+                                                compile_mode="max-autotune-no-cudagraphs")),  # fmt: skip
+        ("proj_b32_compiled_attention_targets_max_autotune", dict(
+            batch_size=32, gradient_checkpointing=False, compile=True, target_modules="attention",
+            compile_mode="max-autotune-no-cudagraphs")),  # fmt: skip
         (
             "proj_b2_ckpt_eager_before",
             dict(batch_size=2, gradient_checkpointing=True, fused=False, gpu_data=False),

@@ -3,8 +3,9 @@
 Generation is greedy, so a caption depends only on the image, the filled prompt, the model (id,
 revision, quantization) and the decoding settings; those make its cache key (`caption_key`). Only missing keys are generated,
 and when none are missing the captioner is never loaded. A caption that comes out empty or stuck
-in a loop is retried once with a repetition penalty; if it is still bad it is kept for review
-with flagged=True, and training uses the original caption for that image instead.
+in a loop is retried once with a repetition penalty (the retries of several batches together, a
+full batch at a time); if it is still bad it is kept for review with flagged=True, and training
+uses the original caption for that image instead.
 
 Where the time goes: `caption_images(..., stats=...)` sums wall seconds and call counts over the
 batches (model load, image loading, greedy and retry generation, cache writes); recaption_task logs

@@ -10,8 +10,8 @@ names the file instead of showing it).
 from __future__ import annotations
 
 import base64
+import io
 import json
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +19,9 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
+from tasks.atomic import write_bytes
 from tasks.contracts import CAPTIONS, read_table
+from tasks.images import PNG_THREADS
 
 DATA_URI_LIMIT = 256 * 1024  # bytes of PNG; above this an image is only shown when served
 STAGES = ("pull", "recaption", "embed", "train", "evaluate", "push")
@@ -54,11 +56,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _atomic_save(image: Image.Image, out_path: Path, compress_level: int = 6) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="PNG", compress_level=compress_level)  # no optimize=True: slow, saves little
-    os.replace(tmp, out_path)
-    return out_path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)  # no optimize=True: slow, saves little
+    return write_bytes(out_path, buffer.getvalue())
 
 
 def grid_sheet(
@@ -88,7 +88,7 @@ def grid_sheet(
             grid = grid.crop((0, 0, grid.width, grid.height // total * keep))
         return _shrink(grid, max_cell * columns)
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PNG decode and resize free the GIL
+    with ThreadPoolExecutor(PNG_THREADS) as pool:
         grids = list(pool.map(load, grid_paths))
     scale = max(1, -(-min_width // max(g.width for g in grids)))
     grids = [g.resize((g.width * scale, g.height * scale), Image.Resampling.NEAREST) for g in grids]

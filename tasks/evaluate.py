@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +45,7 @@ from tasks.buckets import bucket_name
 from tasks.cache import content_key, file_sha256
 from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
 from tasks.embed import load_latent_dist, load_text_embeddings
+from tasks.images import PNG_THREADS
 from tasks.lora import PEFT_CONFIG, PEFT_WEIGHTS, apply_lora
 from tasks.style_metrics import style_shift
 from tasks.workdir import WorkDir
@@ -58,8 +58,6 @@ ADAPTER_FILES = (PEFT_WEIGHTS, PEFT_CONFIG)  # what apply_lora loads
 # Training latents decoded for the colour and CLIP references; the means settle long before this.
 MAX_COLOR_REFERENCE = 64
 CHECKPOINT_WEIGHTS = "lora.safetensors"  # in train.py's checkpoint-<step>/ folders
-# PIL's PNG encoder releases the GIL, so threads encode in parallel; more than 8 gains little.
-PNG_WORKERS = min(8, os.cpu_count() or 1)
 
 
 def model_names(config: RunConfig) -> list[str]:
@@ -400,7 +398,7 @@ def _write_outputs(
     seeds, names = config.evaluate.seeds, model_names(config)
     # Hundreds of PNG encodes dominate this function: threads run them in parallel. Each job builds
     # its own PIL image, so only one job's pixels per worker are held at a time besides the arrays.
-    with ThreadPoolExecutor(max_workers=PNG_WORKERS, thread_name_prefix="png") as pool:
+    with ThreadPoolExecutor(max_workers=PNG_THREADS, thread_name_prefix="png") as pool:
         image_jobs: list[Future[Path]] = []
         grid_jobs: list[Future[Path]] = []
         for index in range(len(prompts)):
@@ -414,10 +412,9 @@ def _write_outputs(
         grid_paths = _results(pool, [*image_jobs, *grid_jobs])[len(image_jobs) :]  # prompt order
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     rows = result_rows(prompts, config, lineage, created_at)
-    results_path = write_text(output_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    report_path = write_text(output_dir / "report.md", render_report(prompts, config, lineage, metrics))
-    return EvalResult(results_path, report_path, grid_paths, metrics, image_count=len(rows))
+    records = _write_records(output_dir, rows, prompts, config, lineage, metrics)
+    return EvalResult(records["results.jsonl"], records["report.md"], grid_paths, metrics, image_count=len(rows))
 
 
 def stamp_lineage(
@@ -434,9 +431,15 @@ def stamp_lineage(
     rows = [json.loads(line) for line in (Path(eval_dir) / "results.jsonl").read_text().splitlines()]
     stamped = [{**row, **{name: lineage[name] for name in LINEAGE_FIELDS}} for row in rows]
     prompts = read_table(Path(prompt_set_path), PROMPT_SET).to_pylist()
-    out_dir = Path(out_dir)
+    return _write_records(Path(out_dir), stamped, prompts, config, lineage, metrics)
+
+
+def _write_records(
+    out_dir: Path, rows: list[dict], prompts: list[dict], config: RunConfig, lineage: dict, metrics: dict
+) -> dict[str, Path]:
+    """results.jsonl (a row per image) and report.md, the two files that carry the lineage."""
     return {
-        "results.jsonl": write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in stamped)),
+        "results.jsonl": write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
         "report.md": write_text(out_dir / "report.md", render_report(prompts, config, lineage, metrics)),
     }
 

@@ -8,6 +8,7 @@ see the same image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from PIL import Image, ImageOps
 # Transparent pixels become white: a cut-out on white is what the image looks like in a viewer,
 # while Pillow's plain RGB conversion would show whatever colour the hidden pixels happen to hold.
 BACKGROUND = (255, 255, 255)
+# PIL's PNG encoder and decoder release the GIL, so threads code PNGs in parallel; more than 8
+# gains little.
+PNG_THREADS = min(8, os.cpu_count() or 1)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 

@@ -144,7 +144,7 @@ class LocalRevision:
     is at that path first (HEAD's file, or an untracked one of the user's), restores, reads, and
     puts it back with a rename: the working tree ends as it was, byte for byte. A kill mid-read
     leaves the set-aside file next to it (`.<name>.pixart-aside`), and the next reader of the repo
-puts it back before anything else."""
+    puts it back before anything else."""
 
     def __init__(self, path: Path, revision: str):
         self.path = path
@@ -183,9 +183,6 @@ puts it back before anything else."""
                 os.replace(aside, target)
             else:
                 target.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Nothing left to put back: every read restored the working tree itself."""
 
 
 def _asides(root: Path) -> list[Path]:
@@ -336,11 +333,7 @@ def open_revision(
         return
     assert repo_path is not None, "local repos need their resolved path"
     with repo_lock(repo_path):
-        reader = LocalRevision(repo_path, revision)
-        try:
-            yield reader
-        finally:
-            reader.close()
+        yield LocalRevision(repo_path, revision)  # each read puts the working tree back itself
 
 
 def commit_to_branch(repo_path: Path, branch: str, files: dict[str, Path], message: str) -> str:

@@ -157,21 +157,18 @@ def caption_batch(
     retry: bool = True,
 ) -> list[tuple[str, bool]]:
     """(caption, flagged) per image: greedy first, then (with `retry`) one retry with RETRY for
-    degenerate ones; without it a degenerate caption comes back flagged, for retry_captions.
+    degenerate ones; without it a degenerate caption comes back flagged, for a later
+    `generate_checked(..., RETRY, ...)`.
 
     With `static_batch` (recaption.static_cache), every generate call uses a static cache and
     exactly that many images, the last one repeated as filler, so the decode step compiled for
     the first batch serves a shorter last batch and the retries too. `stats`, when given, is
     incremented with greedy_calls, greedy_s, retry_calls, retry_s and retried (captions retried)."""
-    stats = {} if stats is None else stats
-    start = time.perf_counter()  # generate returns decoded text: the device work is done by then
-    captions = _generate(model, processor, images, prompts, max_new_tokens, GREEDY, static_batch)
-    _add(stats, greedy_calls=1, greedy_s=time.perf_counter() - start)
-    results = [(caption, is_degenerate(caption)) for caption in captions]
+    results = generate_checked(model, processor, images, prompts, max_new_tokens, GREEDY, static_batch, stats)
     redo = [i for i, (_, flagged) in enumerate(results) if flagged]
     if retry and redo:
-        again = retry_captions(
-            model, processor, [images[i] for i in redo], [prompts[i] for i in redo], max_new_tokens,
+        again = generate_checked(
+            model, processor, [images[i] for i in redo], [prompts[i] for i in redo], max_new_tokens, RETRY,
             static_batch, stats,
         )  # fmt: skip
         for i, result in zip(redo, again, strict=True):
@@ -179,33 +176,28 @@ def caption_batch(
     return results
 
 
-def retry_captions(
-    model,
-    processor,
-    images: list[Image.Image],
-    prompts: list[str],
-    max_new_tokens: int,
-    static_batch: int | None = None,
-    stats: dict | None = None,
-) -> list[tuple[str, bool]]:
-    """(caption, flagged) per image, decoded with RETRY: for captions greedy decoding looped on."""
-    stats = {} if stats is None else stats
-    start = time.perf_counter()
-    captions = _generate(model, processor, images, prompts, max_new_tokens, RETRY, static_batch)
-    _add(stats, retry_calls=1, retry_s=time.perf_counter() - start, retried=len(images))
-    return [(caption, is_degenerate(caption)) for caption in captions]
-
-
-def _generate(model, processor, images, prompts, max_new_tokens, decoding, static_batch) -> list[str]:
-    images, prompts = list(images), list(prompts)
-    count = len(images)
+def generate_checked(
+    model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int, decoding: dict,
+    static_batch: int | None = None, stats: dict | None = None,
+) -> list[tuple[str, bool]]:  # fmt: skip
+    """(caption, is_degenerate) per image from one generate call with `decoding` (GREEDY or RETRY),
+    padded to `static_batch`; its seconds and count go to `stats` under greedy_* or retry_*."""
+    count, retrying = len(images), decoding == RETRY
     if static_batch is not None:
         if count > static_batch:
             raise ValueError(f"{count} images do not fit a static batch of {static_batch}")
-        images += images[-1:] * (static_batch - count)
-        prompts += prompts[-1:] * (static_batch - count)
+        images = [*images, *images[-1:] * (static_batch - count)]
+        prompts = [*prompts, *prompts[-1:] * (static_batch - count)]
         decoding = {**decoding, **STATIC_CACHE}
-    return generate_captions(model, processor, images, prompts, max_new_tokens, decoding)[:count]
+    start = time.perf_counter()  # generate returns decoded text: the device work is done by then
+    captions = generate_captions(model, processor, images, prompts, max_new_tokens, decoding)[:count]
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        if retrying:
+            _add(stats, retry_calls=1, retry_s=seconds, retried=count)
+        else:
+            _add(stats, greedy_calls=1, greedy_s=seconds)
+    return [(caption, is_degenerate(caption)) for caption in captions]
 
 
 def caption_keys(
@@ -289,9 +281,9 @@ def _generate_into_cache(
         def retry_waiting(model, processor, up_to: int) -> None:
             while len(to_retry) >= up_to and to_retry:
                 chunk, to_retry[:] = to_retry[: cfg.batch_size], to_retry[cfg.batch_size :]
-                results = retry_captions(
+                results = generate_checked(
                     model, processor, [image for _, image in chunk], [row["prompt"] for row, _ in chunk],
-                    cfg.max_new_tokens, static_batch, stats,
+                    cfg.max_new_tokens, RETRY, static_batch, stats,
                 )  # fmt: skip
                 for (row, _), (caption, flagged) in zip(chunk, results, strict=True):
                     keep(row, caption, flagged)

@@ -215,7 +215,7 @@ def test_threaded_writes_equal_the_serial_encoding(tmp_path, monkeypatch):
     same pixels, and the grids come back in prompt order."""
     config = load_config(CONFIG_DIR / "demo.yaml")
     config.evaluate.seeds = SEEDS
-    monkeypatch.setattr(evaluate_module, "PNG_WORKERS", 4)
+    monkeypatch.setattr(evaluate_module, "PNG_THREADS", 4)
     rng = np.random.default_rng(3)
     prompts = [{"prompt": f"p{i}", "styled_prompt": f"styled p{i}", "category": None} for i in range(5)]
     n = len(prompts) * len(SEEDS)

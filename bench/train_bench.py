@@ -224,6 +224,8 @@ def bench_variant(
     attn=None,
     no_input_cast=False,
     compile_mode=None,
+    no_lora=False,
+    inductor=None,
     **train,
 ):
     from diffusers.optimization import get_scheduler
@@ -244,8 +246,17 @@ def bench_variant(
                 block.compile(mode=compile_mode, dynamic=False)
 
         tt.compile_blocks = compile_with_mode
+    inductor_patch = nullcontext()
+    if inductor:  # inductor options read at compile time (the first step): a fresh compile
+        torch._dynamo.reset()
+        inductor_patch = torch._inductor.config.patch(inductor)
     try:
-        transformer = tt.lora_transformer(config, DEVICE)
+        if no_lora:
+            transformer = InputGradProbe(tt.load_transformer(None, torch.bfloat16, DEVICE).requires_grad_(False))
+            if cfg.compile:
+                tt.compile_blocks(transformer.transformer)
+        else:
+            transformer = tt.lora_transformer(config, DEVICE)
     finally:
         if compile_mode:
             tt.compile_blocks = plain_compile
@@ -282,7 +293,8 @@ def bench_variant(
         losses.append(loss)
 
     result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": compile_mode or cfg.compile,
-              "fused_adamw": fused, "data": type(data).__name__, "baseline_alloc_GiB": baseline}  # fmt: skip
+              "fused_adamw": fused, "data": type(data).__name__, "baseline_alloc_GiB": baseline,
+              "lora_targets": "none" if no_lora else cfg.target_modules, "inductor": inductor}  # fmt: skip
     context = nullcontext()
     if attn is not None:  # pin SDPA's backends; a fresh compile so the graph picks them up
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -291,6 +303,7 @@ def bench_variant(
         context = sdpa_kernel([getattr(SDPBackend, b) for b in attn])
         result["sdpa_backends"] = attn
     try:
+        inductor_patch.__enter__()
         context.__enter__()
         sync()
         first = time.perf_counter()
@@ -309,10 +322,38 @@ def bench_variant(
         result["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
     finally:
         context.__exit__(None, None, None)
+        inductor_patch.__exit__(None, None, None)
     report.add(name, result)
     accelerator.free_memory()
     del model, transformer, optimizer, params, data, lr_scheduler
     free()
+
+
+class InputGradProbe(torch.nn.Module):
+    """The frozen transformer without LoRA. A trainable zero offset on its input makes backward
+    run through every block computing input gradients only: the work any LoRA adds to, so its
+    rate bounds every LoRA implementation that keeps these base kernels."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.offset = torch.nn.Parameter(torch.zeros(1, transformer.config.in_channels, 1, 1, device=DEVICE))
+
+    def forward(self, hidden_states, **kwargs):
+        return self.transformer(hidden_states + self.offset.to(hidden_states.dtype), **kwargs)
+
+
+KERNEL_KINDS = (  # first match wins; names as the profiler reports them on an H100
+    ("attention", ("sdpa", "flash", "fmha", "dot_do_o", "attention")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "splitk")),
+    ("copy", ("memcpy", "memset")),
+    ("triton", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
 
 
 def profile_steps(step, n: int) -> dict:
@@ -332,9 +373,13 @@ def profile_steps(step, n: int) -> dict:
     for e in kernels:
         by_name.setdefault(e.name[:90], []).append(e.device_time)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time
     return {
         "steps": n, "wall_s_per_step": round(wall / n, 4), "kernels_per_step": len(kernels) // n,
         "gpu_busy_s_per_step": round(busy / n, 4),
+        "ms_per_step_by_kind": {kind: round(t / n / 1e3, 2) for kind, t in sorted(by_kind.items())},
         "top": [[name, len(v) // n, round(sum(v) / n / 1e3, 2)] for name, v in top],  # name, count, ms/step
     }  # fmt: skip
 
@@ -415,7 +460,16 @@ def bench_project(report: Report) -> None:
         free()
     bench_data_path(report, view, 32)
 
+    attention = dict(batch_size=32, gradient_checkpointing=False, compile=True, target_modules="attention")
     variants = [
+        ("proj_b32_compiled_attention_targets_profiled", dict(attention, profile=True)),
+        ("dit_no_lora_b32_compiled", dict(batch_size=32, gradient_checkpointing=False, compile=True,
+                                          no_lora=True, profile=True)),  # fmt: skip
+        ("dit_no_lora_b64_compiled", dict(batch_size=64, gradient_checkpointing=False, compile=True, no_lora=True)),
+        ("proj_b48_compiled_attention_targets", dict(attention, batch_size=48)),
+        ("proj_b64_compiled_attention_targets", dict(attention, batch_size=64)),
+        ("proj_b32_compiled_attention_targets_coordinate_descent",
+         dict(attention, inductor={"coordinate_descent_tuning": True})),  # fmt: skip
         ("proj_b32_compiled_max_autotune", dict(batch_size=32, gradient_checkpointing=False, compile=True,
                                                 compile_mode="max-autotune-no-cudagraphs")),  # fmt: skip
         ("proj_b32_compiled_attention_targets_max_autotune", dict(

@@ -172,6 +172,16 @@ class StepPlan:
         chosen = per_process[rank][k * self.accumulation : (k + 1) * self.accumulation]
         return [(torch.from_numpy(index), torch.from_numpy(flips[index])) for index in chosen]
 
+    def batch_shapes(self) -> set[tuple[str | None, int]]:
+        """(latent size, micro-batch length) of every micro-batch an epoch holds, on any process.
+        Epochs differ only in order, so each pair is one shape the compiled blocks meet."""
+        per_process, _ = self._epoch(0)
+        return {
+            (self.latent_sizes[index[0]] if self.latent_sizes else None, len(index))
+            for batches in per_process
+            for index in batches
+        }
+
     def _epoch(self, epoch: int) -> tuple[list[list[np.ndarray]], np.ndarray]:
         """Each process's micro-batches of the epoch, and one flip flag per sample. The latest
         epoch is kept: steps ask for it in turn, and building it is O(samples)."""
@@ -237,11 +247,26 @@ def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> N
     compiled block fuses its norms, modulation, LoRA casts and adds into a few kernels (on an
     H100: 2.2x faster at batch 2, 2x at batch 16; bench/RESULTS.md). All 28 blocks share one
     compiled graph (same code, parameters passed as inputs): the first step compiles (15-25 s),
-    so does the first smaller batch at an epoch's end, and later steps reuse them. Gradient
-    checkpointing wraps the compiled block unchanged.
+    so does the first smaller batch at an epoch's end and each bucket size (allow_recompiles
+    makes room for them all), and later steps reuse them. Gradient checkpointing wraps the
+    compiled block unchanged.
     """
     for block in transformer.transformer_blocks:
         block.compile(backend=backend, dynamic=False)
+
+
+def allow_recompiles(batch_shapes: int) -> int:
+    """Raise dynamo's per-function recompile limit so every batch shape of the run compiles.
+
+    Each (latent size, batch length) pair compiles the blocks once, and the first block, whose
+    input needs no gradient, is a second graph. Past the limit (8 by default) dynamo runs the
+    rest eager, several times slower and with only a log warning; with buckets that happens
+    from three sizes whose last batches are short. Returns the limit now in force.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 2 * batch_shapes + 2))
+    return getattr(config, name)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
@@ -398,6 +423,8 @@ def _train(train_set_path, text_cache, latent_cache, config, output_dir, progres
         accelerator.num_processes, tuple(view.latent_sizes),
     )  # fmt: skip
     total = plan.total_steps(train)
+    if train.compile:
+        allow_recompiles(len(plan.batch_shapes()))
     optimizer = build_optimizer(params, train)
     # Not passed to accelerator.prepare, which would step it once per process per update.
     lr_scheduler = get_scheduler(

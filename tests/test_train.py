@@ -401,6 +401,25 @@ def test_step_plan_with_buckets_is_single_bucket_and_deals_evenly():
     assert seen == set(range(8))
 
 
+def test_every_batch_shape_of_a_run_gets_a_compile(monkeypatch):
+    from tasks.train import allow_recompiles
+
+    plain = StepPlan(num_samples=7, batch_size=2, accumulation=2, seed=3)
+    assert plain.batch_shapes() == {(None, 2), (None, 1)}
+    sizes = tuple(f"{h}x{w}" for h, w in BUCKET_SIZES)  # 3 + 3 + 2 rows
+    bucketed = StepPlan(num_samples=8, batch_size=2, accumulation=2, seed=3, num_processes=2, latent_sizes=sizes)
+    counts = {size: sizes.count(size) for size in sizes}
+    expected = {(size, 2) for size in sizes} | {(size, 1) for size, n in counts.items() if n % 2}
+    assert bucketed.batch_shapes() == expected and len(expected) == 5
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 8)
+    assert allow_recompiles(2) == 8  # a plain run's two shapes fit the default: left alone
+    assert allow_recompiles(len(expected)) == 12 == getattr(config, name)  # two graphs a shape, 2 spare
+    assert allow_recompiles(1) == 12  # never lowered
+
+
 @pytest.fixture(scope="module")
 def bucketed_caches(_train_home, tmp_path_factory) -> Path:
     dim = PixArtTransformer2DModel.load_config(resolve_model("tiny:pixart"), subfolder="transformer")

@@ -226,6 +226,7 @@ def bench_variant(
     compile_mode=None,
     no_lora=False,
     inductor=None,
+    fp8=False,
     **train,
 ):
     from diffusers.optimization import get_scheduler
@@ -250,6 +251,16 @@ def bench_variant(
     if inductor:  # inductor options read at compile time (the first step): a fresh compile
         torch._dynamo.reset()
         inductor_patch = torch._inductor.config.patch(inductor)
+    swapped = None
+    if fp8:  # swap the blocks' frozen linears for fp8 ones before they are compiled
+        plain_compile_fp8 = tt.compile_blocks
+
+        def swap_then_compile(transformer, **kwargs):
+            nonlocal swapped
+            swapped = fp8_base_linears(transformer.transformer_blocks)
+            plain_compile_fp8(transformer, **kwargs)
+
+        tt.compile_blocks = swap_then_compile
     try:
         if no_lora:
             transformer = InputGradProbe(tt.load_transformer(None, torch.bfloat16, DEVICE).requires_grad_(False))
@@ -260,6 +271,8 @@ def bench_variant(
     finally:
         if compile_mode:
             tt.compile_blocks = plain_compile
+        if fp8:
+            tt.compile_blocks = plain_compile_fp8
     if no_input_cast:  # PEFT casts each LoRA input to the fp32 adapter dtype; autocast recasts it to bf16
         from peft.tuners.lora import LoraLayer
 
@@ -294,7 +307,8 @@ def bench_variant(
 
     result = {"batch": cfg.batch_size, "grad_ckpt": cfg.gradient_checkpointing, "compile": compile_mode or cfg.compile,
               "fused_adamw": fused, "data": type(data).__name__, "baseline_alloc_GiB": baseline,
-              "lora_targets": "none" if no_lora else cfg.target_modules, "inductor": inductor}  # fmt: skip
+              "lora_targets": "none" if no_lora else cfg.target_modules, "inductor": inductor,
+              "fp8_linears": swapped, "fp8_bias_in_gemm": FP8_BIAS_IN_GEMM if fp8 else None}  # fmt: skip
     context = nullcontext()
     if attn is not None:  # pin SDPA's backends; a fresh compile so the graph picks them up
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -341,6 +355,82 @@ class InputGradProbe(torch.nn.Module):
 
     def forward(self, hidden_states, **kwargs):
         return self.transformer(hidden_states + self.offset.to(hidden_states.dtype), **kwargs)
+
+
+E4M3_MAX = 448.0
+FP8_BIAS_IN_GEMM = True  # cleared by fp8_base_linears where _scaled_mm takes no bias with row scales
+
+
+def to_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise e4m3 quantization: (values, float32 dequantization scale per row)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x @ W.T + b for a frozen W kept in fp8 twice (rows scaled for the forward, columns for
+    the input gradient); x and the output gradient are quantized row-wise on the fly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, weight_t, weight_t_scale, bias):
+        ctx.save_for_backward(weight_t, weight_t_scale)
+        rows, scale = to_fp8_rows(x)
+        fused_bias = bias if FP8_BIAS_IN_GEMM else None
+        y = torch._scaled_mm(rows, weight.t(), scale_a=scale, scale_b=weight_scale, bias=fused_bias,
+                             out_dtype=torch.bfloat16)  # fmt: skip
+        return y if fused_bias is not None or bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight_t, weight_t_scale = ctx.saved_tensors
+        rows, scale = to_fp8_rows(grad)
+        grad_x = torch._scaled_mm(rows, weight_t.t(), scale_a=scale, scale_b=weight_t_scale,
+                                  out_dtype=torch.bfloat16)  # fmt: skip
+        return grad_x, None, None, None, None, None
+
+
+class Fp8FrozenLinear(torch.nn.Module):
+    """A frozen nn.Linear whose GEMMs (forward and input gradient) run in fp8 on Hopper. A bench
+    experiment for issue 5 (how much fp8 base GEMMs would buy), not a project setting: it changes
+    the frozen model's numerics."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        w, w_scale = to_fp8_rows(weight)  # per output channel
+        wt, wt_scale = to_fp8_rows(weight.t().contiguous())  # per input channel
+        self.register_buffer("weight", w)
+        self.register_buffer("weight_scale", w_scale.view(1, -1))
+        self.register_buffer("weight_t", wt)
+        self.register_buffer("weight_t_scale", wt_scale.view(1, -1))
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = _Fp8Matmul.apply(flat, self.weight, self.weight_scale, self.weight_t, self.weight_t_scale, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def fp8_base_linears(blocks: torch.nn.Module) -> int:
+    """Swap every frozen nn.Linear inside the blocks (a LoRA layer's base_layer included) for
+    Fp8FrozenLinear; returns how many."""
+    probe = torch.ones(16, 16, device=DEVICE, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(probe, probe.t(), scale_a=torch.ones(16, 1, device=DEVICE),
+                         scale_b=torch.ones(1, 16, device=DEVICE),
+                         bias=torch.zeros(16, device=DEVICE, dtype=torch.bfloat16), out_dtype=torch.bfloat16)  # fmt: skip
+    except RuntimeError:
+        global FP8_BIAS_IN_GEMM
+        FP8_BIAS_IN_GEMM = False
+    swapped = 0
+    for module in list(blocks.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                setattr(module, name, Fp8FrozenLinear(child))
+                swapped += 1
+    return swapped
 
 
 KERNEL_KINDS = (  # first match wins; names as the profiler reports them on an H100
@@ -465,6 +555,9 @@ def bench_project(report: Report) -> None:
         ("proj_b32_compiled_attention_targets_profiled", dict(attention, profile=True)),
         ("dit_no_lora_b32_compiled", dict(batch_size=32, gradient_checkpointing=False, compile=True,
                                           no_lora=True, profile=True)),  # fmt: skip
+        ("dit_no_lora_b32_compiled_fp8", dict(batch_size=32, gradient_checkpointing=False, compile=True,
+                                              no_lora=True, fp8=True, profile=True)),  # fmt: skip
+        ("proj_b32_compiled_attention_targets_fp8", dict(attention, fp8=True, profile=True)),
         ("dit_no_lora_b64_compiled", dict(batch_size=64, gradient_checkpointing=False, compile=True, no_lora=True)),
         ("proj_b48_compiled_attention_targets", dict(attention, batch_size=48)),
         ("proj_b64_compiled_attention_targets", dict(attention, batch_size=64)),

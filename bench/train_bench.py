@@ -238,41 +238,31 @@ def bench_variant(
     free()
     baseline = allocated_gib()
     reset_peak()
-    if compile_mode:  # e.g. max-autotune-no-cudagraphs: Triton GEMM templates with fused epilogues
+    if inductor or compile_mode:  # read when the first step compiles: start from a fresh compile
         torch._dynamo.reset()
-        plain_compile = tt.compile_blocks
+    inductor_patch = torch._inductor.config.patch(inductor) if inductor else nullcontext()
+    plain_compile, swapped = tt.compile_blocks, None
 
-        def compile_with_mode(transformer):
+    def compile_variant(transformer, **kwargs):
+        nonlocal swapped
+        if fp8:  # the blocks' frozen linears become fp8 ones before they are compiled
+            swapped = fp8_base_linears(transformer.transformer_blocks)
+        if compile_mode:  # e.g. max-autotune-no-cudagraphs: Triton GEMM templates with fused epilogues
             for block in transformer.transformer_blocks:
                 block.compile(mode=compile_mode, dynamic=False)
+        else:
+            plain_compile(transformer, **kwargs)
 
-        tt.compile_blocks = compile_with_mode
-    inductor_patch = nullcontext()
-    if inductor:  # inductor options read at compile time (the first step): a fresh compile
-        torch._dynamo.reset()
-        inductor_patch = torch._inductor.config.patch(inductor)
-    swapped = None
-    if fp8:  # swap the blocks' frozen linears for fp8 ones before they are compiled
-        plain_compile_fp8 = tt.compile_blocks
-
-        def swap_then_compile(transformer, **kwargs):
-            nonlocal swapped
-            swapped = fp8_base_linears(transformer.transformer_blocks)
-            plain_compile_fp8(transformer, **kwargs)
-
-        tt.compile_blocks = swap_then_compile
+    tt.compile_blocks = compile_variant
     try:
         if no_lora:
             transformer = InputGradProbe(tt.load_transformer(None, torch.bfloat16, DEVICE).requires_grad_(False))
             if cfg.compile:
-                tt.compile_blocks(transformer.transformer)
+                compile_variant(transformer.transformer)
         else:
             transformer = tt.lora_transformer(config, DEVICE)
     finally:
-        if compile_mode:
-            tt.compile_blocks = plain_compile
-        if fp8:
-            tt.compile_blocks = plain_compile_fp8
+        tt.compile_blocks = plain_compile
     if no_input_cast:  # PEFT casts each LoRA input to the fp32 adapter dtype; autocast recasts it to bf16
         from peft.tuners.lora import LoraLayer
 

@@ -10,7 +10,6 @@ names the file instead of showing it).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +18,8 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.atomic import write_bytes
 from tasks.contracts import CAPTIONS, read_table
-from tasks.images import PNG_THREADS
+from tasks.images import PNG_THREADS, save_png
 
 DATA_URI_LIMIT = 256 * 1024  # bytes of PNG; above this an image is only shown when served
 STAGES = ("pull", "recaption", "embed", "train", "evaluate", "push")
@@ -53,12 +51,6 @@ def image_url(
 
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
-
-
-def _atomic_save(image: Image.Image, out_path: Path, compress_level: int = 6) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)  # no optimize=True: slow, saves little
-    return write_bytes(out_path, buffer.getvalue())
 
 
 def grid_sheet(
@@ -106,7 +98,7 @@ def grid_sheet(
         draw.text((pad, y + 2), _fit(draw, label, font, width - 2 * pad), fill="#333333", font=font)
         sheet.paste(grid, (pad, y + label_h))
         y += label_h + grid.height + pad
-    return _atomic_save(sheet, out_path, compress_level=1)  # a tall preview: fast beats small
+    return save_png(out_path, sheet, compress_level=1)  # a tall preview: fast beats small
 
 
 def _shrink(grid: Image.Image, width: int) -> Image.Image:
@@ -177,7 +169,7 @@ def loss_curve(rows: list[dict], out_path: Path, size: tuple[int, int] = (520, 2
     else:
         x, y = point(steps[0], losses[0])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="#1f4fbf")
-    return _atomic_save(image, out_path)
+    return save_png(out_path, image)
 
 
 # ---- tables and markdown -------------------------------------------------------------------------

@@ -21,12 +21,8 @@ phase: load, sample <model> per model name, decode, clip, metrics, write.
 
 from __future__ import annotations
 
-import io
 import json
-import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,14 +36,15 @@ from tqdm import tqdm
 
 from configs import RunConfig
 from tasks import model_loading
-from tasks.atomic import write_bytes, write_text
+from tasks.atomic import write_text
 from tasks.buckets import bucket_name
 from tasks.cache import content_key, file_sha256
 from tasks.contracts import PROMPT_SET, RESULT_FIELDS, TRAIN_SET, read_table
 from tasks.embed import load_latent_dist, load_text_embeddings
-from tasks.images import PNG_THREADS
+from tasks.images import PNG_THREADS, save_png
 from tasks.lora import PEFT_CONFIG, PEFT_WEIGHTS, apply_lora
 from tasks.style_metrics import style_shift
+from tasks.timing import timed  # every timed phase here ends with its results on the CPU
 from tasks.workdir import WorkDir
 
 LINEAGE_FIELDS = (
@@ -144,15 +141,6 @@ def load_checkpoint_weights(transformer, path: Path) -> None:
 
 
 # ---- timings ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the block's wall seconds to timings[name]; a phase may run in several blocks. On CUDA
-    no synchronize is needed: every timed phase ends by copying its results to the CPU."""
-    start = time.perf_counter()
-    yield
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def images_per_second(timings: dict[str, float], image_count: int) -> float | None:
@@ -538,18 +526,12 @@ def _adapter_file(adapter_dir: str | Path, name: str) -> Path:
     return path
 
 
-def _write_png(path: Path, image: Image.Image) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return write_bytes(path, buffer.getvalue())
-
-
 def _write_array(path: Path, pixels: np.ndarray) -> Path:
-    return _write_png(path, Image.fromarray(pixels))
+    return save_png(path, Image.fromarray(pixels))
 
 
 def _write_grid(path: Path, columns: list[list[np.ndarray]]) -> Path:
-    return _write_png(path, grid_image(columns))
+    return save_png(path, grid_image(columns))
 
 
 def _results(pool: ThreadPoolExecutor, jobs: list[Future[Path]]) -> list[Path]:

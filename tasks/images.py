@@ -8,11 +8,14 @@ see the same image.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from tasks.atomic import write_bytes
 
 # Transparent pixels become white: a cut-out on white is what the image looks like in a viewer,
 # while Pillow's plain RGB conversion would show whatever colour the hidden pixels happen to hold.
@@ -22,6 +25,14 @@ BACKGROUND = (255, 255, 255)
 PNG_THREADS = min(8, os.cpu_count() or 1)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def save_png(path: str | Path, image: Image.Image, compress_level: int = 6) -> Path:
+    """`image` as a PNG at `path`, written atomically. Level 6 is PIL's default; no optimize=True,
+    which is slow and saves little."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return write_bytes(path, buffer.getvalue())
 
 
 def load_rgb(path: str | Path, name: str | None = None) -> Image.Image:

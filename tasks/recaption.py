@@ -15,7 +15,6 @@ them last.
 from __future__ import annotations
 
 import re
-import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ from tasks import model_loading
 from tasks.cache import ShardedCache, content_key
 from tasks.contracts import CAPTION_CACHE, CAPTIONS, MANIFEST, read_table, write_table
 from tasks.images import load_rgb
+from tasks.timing import timed
 from tasks.workdir import WorkDir
 
 GREEDY = {"do_sample": False, "num_beams": 1}
@@ -189,14 +189,13 @@ def generate_checked(
         images = [*images, *images[-1:] * (static_batch - count)]
         prompts = [*prompts, *prompts[-1:] * (static_batch - count)]
         decoding = {**decoding, **STATIC_CACHE}
-    start = time.perf_counter()  # generate returns decoded text: the device work is done by then
-    captions = generate_captions(model, processor, images, prompts, max_new_tokens, decoding)[:count]
-    seconds = time.perf_counter() - start
-    if stats is not None:
-        if retrying:
-            _add(stats, retry_calls=1, retry_s=seconds, retried=count)
-        else:
-            _add(stats, greedy_calls=1, greedy_s=seconds)
+    stats = {} if stats is None else stats
+    with timed(stats, "retry_s" if retrying else "greedy_s"):  # generate returns text: the device is done
+        captions = generate_captions(model, processor, images, prompts, max_new_tokens, decoding)[:count]
+    if retrying:
+        _add(stats, retry_calls=1, retried=count)
+    else:
+        _add(stats, greedy_calls=1)
     return [(caption, is_degenerate(caption)) for caption in captions]
 
 
@@ -259,11 +258,10 @@ def _generate_into_cache(
     """Generate and cache `rows`' captions. `stats` gets caption_batch's counts and seconds plus
     load_model_s, load_images_s and cache_write_s, each summed over the batches."""
     stats = {} if stats is None else stats
-    start = time.perf_counter()
-    model, processor = model_loading.load_captioner(
-        models, dtype, device, quantization=cfg.quantization, revision=cfg.model_revision
-    )
-    _add(stats, load_model_s=time.perf_counter() - start)
+    with timed(stats, "load_model_s"):
+        model, processor = model_loading.load_captioner(
+            models, dtype, device, quantization=cfg.quantization, revision=cfg.model_revision
+        )
     try:
         batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         static_batch = cfg.batch_size if cfg.static_cache else None
@@ -289,9 +287,8 @@ def _generate_into_cache(
                     keep(row, caption, flagged)
 
         for number, batch in enumerate(tqdm(batches, desc="recaption", unit="batch"), start=1):
-            start = time.perf_counter()
-            images = [load_rgb(row["image_path"]) for row in batch]
-            _add(stats, load_images_s=time.perf_counter() - start)
+            with timed(stats, "load_images_s"):
+                images = [load_rgb(row["image_path"]) for row in batch]
             prompts = [row["prompt"] for row in batch]
             results = caption_batch(
                 model, processor, images, prompts, cfg.max_new_tokens, static_batch, stats=stats, retry=False
@@ -304,9 +301,8 @@ def _generate_into_cache(
             last = number == len(batches)
             retry_waiting(model, processor, up_to=1 if last else cfg.batch_size)
             if pending and (number % SHARD_EVERY == 0 or last):
-                start = time.perf_counter()
-                cache.write(pa.Table.from_pylist(pending, schema=CAPTION_CACHE))
-                _add(stats, cache_write_s=time.perf_counter() - start)
+                with timed(stats, "cache_write_s"):
+                    cache.write(pa.Table.from_pylist(pending, schema=CAPTION_CACHE))
                 pending = []
     finally:
         del model, processor

@@ -233,14 +233,14 @@ def test_threaded_writes_equal_the_serial_encoding(tmp_path, monkeypatch):
         grid = evaluate_module.grid_image([[images[m][r] for r in rows] for m in images])
         assert result.grid_paths[index].read_bytes() == _png_bytes(grid)
 
-    real = evaluate_module._write_png
+    real = evaluate_module.save_png
 
     def failing(path, image):
         if path.name == "002.png":
             raise OSError("disk full")
         return real(path, image)
 
-    monkeypatch.setattr(evaluate_module, "_write_png", failing)
+    monkeypatch.setattr(evaluate_module, "save_png", failing)
     with pytest.raises(OSError, match="disk full"):  # a worker's error reaches the caller
         evaluate_module._write_outputs(tmp_path / "failed", prompts, images, metrics, config, LINEAGE)
 

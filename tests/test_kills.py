@@ -97,7 +97,7 @@ def arm(kill: str, workdir: Path) -> None:
     elif kill == "checkpoint":
         on_call(tasks.train, "save_file", 1, before=False)  # lora.safetensors written, state.pt not
     elif kill == "evaluate":
-        on_call(tasks.evaluate, "_write_png", 5)
+        on_call(tasks.evaluate, "save_png", 5)
     elif kill == "push-copy":
         repo = str(results_repo_path(workdir))
         on_call(shutil, "copyfile", 20, when=lambda src, dst, **kw: str(dst).startswith(repo))
